@@ -1,0 +1,30 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $@
+
+demo: setup
+	$(PY) -m devise demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check devise jobs tests bench
+	$(VENV)/bin/ruff format --check devise jobs tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

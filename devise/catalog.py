@@ -1,0 +1,225 @@
+"""Image folders -> a catalog table (path, label, class_name, split, size, mtime) in parquet."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from devise.images import is_image_path
+
+SPLITS = ("train", "test", "unseen")
+COLUMNS = ["path", "label", "class_name", "split", "size_bytes", "mtime_ns", "source"]
+
+
+class CatalogError(ValueError):
+    """A data folder or option that cannot make a catalog; str() says what to do."""
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """'tiny-imagenet' when root has wnids.txt and train/, else 'folder'."""
+    root = Path(root)
+    if (root / "wnids.txt").exists() and (root / "train").is_dir():
+        return "tiny-imagenet"
+    return "folder"
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p.name))
+
+
+def scan_folder(root: str | os.PathLike) -> pd.DataFrame:
+    """Folder layout: every sub-folder of root is a class named after it (underscores become
+    spaces); its images may sit at any depth below it."""
+    from devise.labels import class_name, folder_classes
+
+    root = Path(root)
+    rows = []
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    infos = folder_classes(d.name for d in class_dirs)
+    for d, info in zip(class_dirs, infos):
+        for p in _walk_images(d):
+            rows.append((str(p.resolve()), d.name, class_name(info), "folder"))
+    return pd.DataFrame(rows, columns=["path", "label", "class_name", "source"])
+
+
+def scan_tiny_imagenet(root: str | os.PathLike) -> pd.DataFrame:
+    """Tiny ImageNet: train/<wnid>/images/*.JPEG and val/images + val/val_annotations.txt.
+
+    The unlabelled test/ folder is not part of the catalog (use `devise embed --images`).
+    """
+    from devise.labels import class_name, read_tiny_imagenet_classes
+
+    root = Path(root)
+    names = {c.key: class_name(c) for c in read_tiny_imagenet_classes(root)}
+    rows = []
+    for wnid in sorted(names):
+        for p in _walk_images(root / "train" / wnid):
+            rows.append((str(p.resolve()), wnid, names[wnid], "train"))
+    ann = root / "val" / "val_annotations.txt"
+    if ann.exists():
+        for line in ann.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 2 or parts[1] not in names:
+                continue
+            p = root / "val" / "images" / parts[0]
+            rows.append((str(p.resolve()), parts[1], names[parts[1]], "val"))
+    return pd.DataFrame(rows, columns=["path", "label", "class_name", "source"])
+
+
+def _pick_holdout(
+    labels: Sequence[str],
+    names: dict[str, str],
+    holdout: Iterable[str] | None,
+    holdout_count: int | None,
+    seed: int,
+) -> list[str]:
+    """Resolve --holdout NAME,... (label keys or class names) or --holdout-count N to keys."""
+    if holdout and holdout_count:
+        raise CatalogError("Give either --holdout or --holdout-count, not both.")
+    if holdout:
+        by_name = {v: k for k, v in names.items()}
+        keys = []
+        for h in holdout:
+            h = h.strip()
+            key = h if h in names else by_name.get(h) or by_name.get(h.replace("_", " "))
+            if key is None:
+                raise CatalogError(
+                    f"Holdout class {h!r} is not in the data; classes are: "
+                    + ", ".join(sorted(names.values())[:20])
+                )
+            keys.append(key)
+        return sorted(set(keys))
+    if holdout_count:
+        if holdout_count >= len(labels):
+            raise CatalogError(f"--holdout-count {holdout_count} leaves no training class.")
+        rng = np.random.default_rng(seed)
+        return sorted(rng.choice(sorted(labels), size=holdout_count, replace=False).tolist())
+    return []
+
+
+def assign_splits(
+    df: pd.DataFrame,
+    test_fraction: float = 0.2,
+    holdout: Iterable[str] | None = None,
+    holdout_count: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Add a split column: whole holdout classes -> unseen; per class, a seeded test_fraction
+    -> test, the rest -> train. Every row gets exactly one split."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise CatalogError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
+    df = df.sort_values("path", kind="stable").reset_index(drop=True)
+    names = dict(zip(df["label"], df["class_name"]))
+    held = set(_pick_holdout(sorted(names), names, holdout, holdout_count, seed))
+    split = np.full(len(df), "train", dtype=object)
+    rng = np.random.default_rng(seed)
+    for label, idx in df.groupby("label", sort=True).indices.items():
+        if label in held:
+            split[idx] = "unseen"
+            continue
+        n_test = int(round(len(idx) * test_fraction))
+        split[rng.permutation(idx)[:n_test]] = "test"
+    df["split"] = split
+    return df
+
+
+def build_catalog(
+    root: str | os.PathLike,
+    layout: str = "auto",
+    test_fraction: float = 0.2,
+    holdout: Iterable[str] | None = None,
+    holdout_count: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Scan root and return the catalog table (columns: COLUMNS)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CatalogError(f"Data folder {root} does not exist or is not a folder.")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "tiny-imagenet":
+        df = scan_tiny_imagenet(root)
+    elif layout == "folder":
+        df = scan_folder(root)
+    else:
+        raise CatalogError(f"Unknown layout {layout!r}; choose auto, tiny-imagenet or folder.")
+    if df.empty:
+        raise CatalogError(
+            f"No images found under {root} (layout {layout}): expected one sub-folder per class."
+        )
+    df = assign_splits(df, test_fraction, holdout, holdout_count, seed)
+    stats = [os.stat(p) for p in df["path"]]
+    df["size_bytes"] = np.array([s.st_size for s in stats], dtype=np.int64)
+    df["mtime_ns"] = np.array([s.st_mtime_ns for s in stats], dtype=np.int64)
+    return df[COLUMNS]
+
+
+def write_catalog(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write the catalog parquet atomically (temp file, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    return out
+
+
+def read_catalog(path: str | os.PathLike, splits: Iterable[str] | None = None) -> pd.DataFrame:
+    """Read a catalog parquet, optionally keeping only some splits."""
+    path = Path(path)
+    if not path.exists():
+        raise CatalogError(f"Catalog {path} does not exist; build one with `devise catalog ROOT`.")
+    df = pd.read_parquet(path)
+    missing = {"path", "label", "split"} - set(df.columns)
+    if missing:
+        raise CatalogError(f"{path} is not a devise catalog (missing {sorted(missing)}).")
+    if splits is not None:
+        splits = list(splits)
+        unknown = set(splits) - set(SPLITS)
+        if unknown:
+            raise CatalogError(f"Unknown split(s) {sorted(unknown)}; choose from {SPLITS}.")
+        df = df[df["split"].isin(splits)].reset_index(drop=True)
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Images per class and split (rows: class names; columns: splits)."""
+    return df.pivot_table(
+        index="class_name", columns="split", values="path", aggfunc="count", fill_value=0
+    )
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("catalog", help="scan an image folder into a catalog parquet")
+    p.add_argument("root", help="data folder: one sub-folder per class, or Tiny ImageNet")
+    p.add_argument("--out", required=True, help="catalog parquet to write")
+    p.add_argument("--layout", default="auto", choices=["auto", "tiny-imagenet", "folder"])
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--holdout", default=None, help="comma-separated classes held out (unseen)")
+    g.add_argument("--holdout-count", type=int, default=None, help="hold out N random classes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    holdout = [h for h in args.holdout.split(",") if h.strip()] if args.holdout else None
+    df = build_catalog(
+        args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed
+    )
+    out = write_catalog(df, args.out)
+    counts = df["split"].value_counts().reindex(list(SPLITS), fill_value=0)
+    print(
+        f"Wrote {out}: {len(df)} images, {df['label'].nunique()} classes "
+        f"(train {counts['train']}, test {counts['test']}, unseen {counts['unseen']})."
+    )
+    held = sorted(df.loc[df["split"] == "unseen", "class_name"].unique())
+    if held:
+        print("Held out (unseen): " + ", ".join(held))
+    return 0

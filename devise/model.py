@@ -1,0 +1,130 @@
+"""The DeViSE head (features -> word-vector space) and its save/load as weights + spec JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SPEC_FILE = "spec.json"
+WEIGHTS_FILE = "head.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HeadSpec:
+    """Everything needed to rebuild a trained head and use it for search."""
+
+    in_dim: int
+    out_dim: int
+    kind: str = "mlp"  # "mlp" (the notebook's) or "linear" (the paper's)
+    dropout: float = 0.2
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None
+    image_size: int = 224
+    vectors: str = "glove-100d"  # what --vectors was: an id or a path
+    vectors_id: str = ""
+    class_keys: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeadSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class DeviseHead(nn.Module):
+    """Backbone features (B, F) -> L2-normalised word-space vectors (B, D).
+
+    Features are standardised with the training set's mean and std (buffers saved with the
+    weights). kind="mlp" is the notebook's in -> 2D -> D -> D with ReLU and dropout;
+    kind="linear" is the paper's single projection.
+    """
+
+    def __init__(self, spec: HeadSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d, f = spec.out_dim, spec.in_dim
+        self.register_buffer("feat_mean", torch.zeros(f))
+        self.register_buffer("feat_std", torch.ones(f))
+        if spec.kind == "mlp":
+            self.net = nn.Sequential(
+                nn.Linear(f, 2 * d),
+                nn.ReLU(),
+                nn.Dropout(spec.dropout),
+                nn.Linear(2 * d, d),
+                nn.ReLU(),
+                nn.Dropout(spec.dropout),
+                nn.Linear(d, d),
+            )
+        elif spec.kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(f, d))
+        else:
+            raise ValueError(f"Unknown head kind {spec.kind!r}; choose 'mlp' or 'linear'.")
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training features' per-dimension mean and std (B, F) -> (F,)."""
+        self.feat_mean.copy_(mean.to(self.feat_mean))
+        self.feat_std.copy_(std.clamp_min(1e-6).to(self.feat_std))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
+        return F.normalize(self.net(x), dim=-1)
+
+
+def save_model(out_dir: str | os.PathLike, head: DeviseHead) -> Path:
+    """Write head weights + spec JSON into out_dir, replacing it atomically. Returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    torch.save(state, tmp / WEIGHTS_FILE)
+    (tmp / SPEC_FILE).write_text(head.spec.to_json())
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def load_spec(model_dir: str | os.PathLike) -> HeadSpec:
+    """Read a saved model's spec; one clear error when model_dir is not a saved model."""
+    path = Path(model_dir) / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{model_dir} is not a devise model (no {SPEC_FILE}); pass the RUN_DIR/model folder "
+            "written by `devise train`."
+        )
+    return HeadSpec.from_dict(json.loads(path.read_text()))
+
+
+def load_model(model_dir: str | os.PathLike, map_location: str = "cpu") -> DeviseHead:
+    """Rebuild a saved head (eval mode) from its spec and weights."""
+    spec = load_spec(model_dir)
+    head = DeviseHead(spec)
+    state = torch.load(Path(model_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def model_id(model_dir: str | os.PathLike) -> str:
+    """A short content hash of the spec and weights: same files, same id."""
+    h = hashlib.sha256()
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        h.update((Path(model_dir) / name).read_bytes())
+    return h.hexdigest()[:16]

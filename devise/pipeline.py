@@ -1,0 +1,183 @@
+"""Ray Data image pipeline shared by feature extraction and embedding.
+
+paths table -> many blocks -> decode + resize in CPU tasks -> frozen backbone (+ head) in an actor
+pool -> numpy batches back to the caller. A file that cannot be decoded keeps its row, with an
+`error` reason and no output, so callers record it instead of losing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from devise.backbones import backbone_info, load_backbone, prepare_transform
+from devise.images import ImageDecodeError, decode_image, read_file_bytes
+
+
+@dataclass
+class PipelineConfig:
+    """How to run the image pipeline: model, sizes and Ray resources (all flags, no defaults
+    hidden in the code that runs them)."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    image_size: int | None = None
+    head_dir: str | None = None  # None: output backbone features; else head embeddings
+    batch_size: int = 64
+    num_workers: int = 1  # actors running the model
+    cpus_per_worker: float = 1.0
+    decode_cpus: float = 1.0  # per decode task
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # CPU threads per actor; None: torch's default
+    blocks: int | None = None  # number of input blocks; None: enough to keep every actor busy
+    extra: dict = field(default_factory=dict)
+
+
+def _view_seed(path: str, view: int, seed: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{view}:{path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    backbone: str,
+    image_size: int | None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Ray Data task: read and decode each `path`, resize/crop to uint8 (B, S, S, 3).
+
+    Rows with `view` > 0 get the notebook's augmentation, seeded by (path, view, seed) so a
+    rerun computes the same views. Failed rows get an all-zero image and an `error` reason.
+    """
+    info = backbone_info(backbone)
+    size = image_size or info.image_size
+    plain = prepare_transform(info, size)
+    augmented = prepare_transform(info, size, augment=True)
+    paths = batch["path"]
+    views = batch["view"] if "view" in batch else np.zeros(len(paths), dtype=np.int64)
+    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    errors = np.empty(len(paths), dtype=object)
+    for i, (path, view) in enumerate(zip(paths, views)):
+        try:
+            img = decode_image(read_file_bytes(path))
+            if view > 0:
+                torch.manual_seed(_view_seed(str(path), int(view), seed))
+                images[i] = augmented(img)
+            else:
+                images[i] = plain(img)
+            errors[i] = ""
+        except ImageDecodeError as e:
+            errors[i] = str(e)
+        except Exception as e:  # any decoder bug on one file must not stop the job
+            errors[i] = f"{type(e).__name__}: {e}"
+    out = dict(batch)
+    out["image"] = images
+    out["error"] = errors.astype(str)
+    return out
+
+
+class ModelActor:
+    """Ray Data actor: frozen backbone (+ optional DeViSE head) on uint8 image batches.
+
+    Loads the model once in __init__; __call__ replaces the `image` column with `feature`
+    (float16 backbone features) or `embedding` (float32, L2-normalised head output).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        weights: str | None = None,
+        head_dir: str | None = None,
+        device: str = "cpu",
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device(device)
+        self.backbone = load_backbone(backbone, weights).to(self.device)
+        self.head = None
+        if head_dir is not None:
+            from devise.model import load_model
+
+            self.head = load_model(head_dir).to(self.device)
+        if self.device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.out_dim = self.head.spec.out_dim if self.head else self.backbone.info.feature_dim
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        ok = batch["error"] == ""
+        name = "embedding" if self.head is not None else "feature"
+        dtype = np.float32 if self.head is not None else np.float16
+        out = np.zeros((len(images), self.out_dim), dtype=dtype)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device)
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+            ):
+                feats = self.backbone(x)
+            feats = feats.float()
+            if self.head is not None:
+                feats = self.head(feats)
+            out[ok] = feats.cpu().numpy().astype(dtype)
+        batch[name] = out
+        return batch
+
+
+def build_dataset(table: pd.DataFrame, config: PipelineConfig, seed: int = 0):
+    """The lazy Ray Dataset: table rows -> decoded images -> model outputs.
+
+    table needs a `path` column; other columns ride along. It is split into many blocks, since
+    `from_pandas` alone makes one block and so keeps only one actor busy.
+    """
+    import ray
+
+    n = len(table)
+    blocks = config.blocks or max(1, min(n, max(4 * config.num_workers, math.ceil(n / 256))))
+    ds = ray.data.from_pandas(table.reset_index(drop=True), override_num_blocks=blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"backbone": config.backbone, "image_size": config.image_size, "seed": seed},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        num_cpus=config.decode_cpus,
+    )
+    gpu = config.gpus_per_worker if config.use_gpu else 0
+    ds = ds.map_batches(
+        ModelActor,
+        fn_constructor_kwargs={
+            "backbone": config.backbone,
+            "weights": config.weights,
+            "head_dir": config.head_dir,
+            "device": "cuda" if config.use_gpu else "cpu",
+            "torch_threads": config.torch_threads,
+        },
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.num_workers),
+        num_cpus=config.cpus_per_worker,
+        num_gpus=gpu,
+    )
+    return ds
+
+
+def run_images(
+    table: pd.DataFrame, config: PipelineConfig, seed: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream model outputs for every row of table as numpy batches (any order).
+
+    Each batch has the table's columns plus `error` ('' when fine) and `feature` or
+    `embedding`. Every input row comes back exactly once.
+    """
+    if len(table) == 0:
+        return
+    ds = build_dataset(table, config, seed)
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")

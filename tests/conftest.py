@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny generated image trees, seeded vector tables, one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Class names chosen so the generated vector table below gives each a distinct vector.
+TINY_CLASSES = ["cat", "dog", "car", "ship", "ankle boot"]
+
+
+def make_image(path: Path, seed: int, size: int = 24, mode: str = "RGB") -> Path:
+    """A small random-colour image whose mean colour depends on the seed (learnable classes)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    arr = np.clip(base + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """ROOT/<class>/img_i.png: 5 classes x 6 images; each class a distinct colour."""
+    root = tmp_path / "images"
+    for c, name in enumerate(TINY_CLASSES):
+        rng = np.random.default_rng(100 + c)
+        base = rng.integers(0, 255, size=3)
+        for i in range(6):
+            arr = np.clip(base + rng.normal(0, 15, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+            p = root / name / f"img_{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+    return root
+
+
+def write_vec(path: Path, words: list[str], dim: int = 8, seed: int = 0, header: bool = True):
+    """A seeded fastText-style .vec table; returns the matrix written."""
+    rng = np.random.default_rng(seed)
+    mat = rng.normal(size=(len(words), dim)).astype(np.float32)
+    with open(path, "w", encoding="utf-8") as f:
+        if header:
+            f.write(f"{len(words)} {dim}\n")
+        for w, row in zip(words, mat):
+            f.write(w + " " + " ".join(f"{x:.6f}" for x in row) + "\n")
+    return mat
+
+
+@pytest.fixture
+def vec_file(tmp_path: Path) -> Path:
+    """A small .vec with the tiny classes' words plus a few unseen-class words."""
+    words = ["cat", "dog", "car", "ship", "ankle", "boot", "shoe", "bridge", "kitten", "the"]
+    path = tmp_path / "tiny.vec"
+    write_vec(path, words, dim=8, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from devise import backbones
+from devise.backbones import BackboneError, load_backbone, prepare_transform
+
+
+def test_tiny_backbone_is_frozen_and_deterministic():
+    a, b = load_backbone("tiny"), load_backbone("tiny")
+    assert all(not p.requires_grad for p in a.parameters())
+    x = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
+    fa, fb = a(x), b(x)
+    assert fa.shape == (2, a.info.feature_dim)
+    assert torch.equal(fa, fb)
+
+
+def test_unfreeze_last_makes_only_that_block_trainable():
+    bb = load_backbone("tiny")
+    params = bb.unfreeze_last()
+    trainable = [p for p in bb.parameters() if p.requires_grad]
+    assert params and len(trainable) == len(params)
+    assert len(trainable) < len(list(bb.parameters()))
+
+
+def test_unknown_backbone_names_choices():
+    with pytest.raises(BackboneError, match="efficientnet_lite0"):
+        backbones.backbone_info("alexnet9000")
+
+
+def test_missing_torchvision_weights_is_one_clear_error(tmp_path):
+    with pytest.raises(BackboneError, match="--weights"):
+        load_backbone("resnet18", weights=tmp_path / "nope.pth")
+
+
+def test_torchvision_backbone_loads_given_weights_file(tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    bb = load_backbone("resnet18", weights=path)
+    out = bb(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+    assert out.shape == (1, 512)
+    assert bb.classify(out).shape == (1, 1000)
+
+
+def test_prepare_transform_resizes_and_augments():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8))
+    info = backbones.backbone_info("tiny")
+    out = prepare_transform(info, 32)(img)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    gray = Image.fromarray(np.zeros((30, 30), np.uint8)).convert("RGB")
+    torch.manual_seed(0)
+    aug = prepare_transform(info, 16, augment=True)
+    outs = [aug(gray) for _ in range(5)]
+    assert all(o.shape == (16, 16, 3) for o in outs)
+
+
+def test_normalize_accepts_nhwc_and_nchw():
+    bb = load_backbone("tiny")
+    x = torch.randint(0, 255, (2, 8, 8, 3), dtype=torch.uint8)
+    assert torch.allclose(bb.normalize(x), bb.normalize(x.permute(0, 3, 1, 2)))
+
+
+@pytest.mark.assets
+def test_efficientnet_lite0_sees_a_cat_in_chelsea():
+    skimage_data = pytest.importorskip("skimage.data")
+    bb = load_backbone("efficientnet_lite0")
+    img = Image.fromarray(skimage_data.chelsea())
+    x = torch.from_numpy(prepare_transform(bb.info)(img))[None]
+    with torch.no_grad():
+        feats = bb(x)
+        top5 = bb.classify(feats).topk(5).indices[0].tolist()
+    assert feats.shape == (1, 1280)
+    names = backbones.imagenet_categories()
+    cats = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
+    assert cats & {names[i] for i in top5}, [names[i] for i in top5]

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from devise.losses import cosine_loss, get_loss, rank_loss
+from devise.model import DeviseHead, HeadSpec, load_model, load_spec, model_id, save_model
+
+
+def _spec(kind="mlp"):
+    return HeadSpec(in_dim=12, out_dim=6, kind=kind, class_keys=["a", "b"], class_names=["a", "b"])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_head_output_is_unit_norm(kind):
+    head = DeviseHead(_spec(kind)).eval()
+    out = head(torch.randn(5, 12) * 100)
+    assert out.shape == (5, 6)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_mlp_is_the_notebooks_shape():
+    head = DeviseHead(_spec("mlp"))
+    linears = [m for m in head.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(12, 12), (12, 6), (6, 6)]
+
+
+def test_save_load_round_trip_and_model_id(tmp_path):
+    head = DeviseHead(_spec()).eval()
+    head.set_feature_stats(torch.ones(12), torch.full((12,), 2.0))
+    save_model(tmp_path / "model", head)
+    again = load_model(tmp_path / "model")
+    x = torch.randn(3, 12)
+    assert torch.allclose(head(x), again(x))
+    assert load_spec(tmp_path / "model").class_names == ["a", "b"]
+    first = model_id(tmp_path / "model")
+    assert first == model_id(tmp_path / "model")
+    with torch.no_grad():
+        head.net[0].weight.add_(1.0)
+    save_model(tmp_path / "model", head)  # replaces in place, atomically
+    assert model_id(tmp_path / "model") != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_load_spec_of_a_non_model_folder_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="devise train"):
+        load_spec(tmp_path)
+
+
+def test_rank_loss_matches_the_paper_formula():
+    torch.manual_seed(0)
+    pred = torch.nn.functional.normalize(torch.randn(4, 5), dim=1)
+    classes = torch.nn.functional.normalize(torch.randn(3, 5), dim=1)
+    targets = torch.tensor([0, 2, 1, 0])
+    expected = 0.0
+    for i in range(4):
+        t = targets[i]
+        for j in range(3):
+            if j != t:
+                expected += max(0.0, 0.1 - float(pred[i] @ classes[t]) + float(pred[i] @ classes[j]))
+    assert rank_loss(pred, classes, targets).item() == pytest.approx(expected / 4, rel=1e-5)
+
+
+def test_rank_loss_is_zero_when_margin_is_met_and_decreases_toward_target():
+    classes = torch.eye(3)
+    assert rank_loss(classes.clone(), classes, torch.arange(3)).item() == 0.0
+    wrong = classes[[1, 2, 0]]
+    assert rank_loss(wrong, classes, torch.arange(3)).item() > 1.0
+
+
+def test_cosine_loss_is_the_notebooks():
+    pred = torch.randn(4, 5)
+    classes = torch.randn(3, 5)
+    t = torch.tensor([0, 1, 2, 1])
+    ref = torch.nn.CosineEmbeddingLoss()(pred, classes[t], torch.ones(4))
+    assert cosine_loss(pred, classes, t).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert get_loss("rank") is rank_loss
+    with pytest.raises(ValueError, match="rank"):
+        get_loss("hinge2")
