@@ -31,6 +31,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         "devise.embed": ["EmbedError"],
         "devise.search": ["SearchError"],
         "devise.training": ["TrainError"],
+        "devise.evaluate": ["EvalError"],
+        "devise.features": ["FeatureError"],
     }.items():
         try:
             mod = importlib.import_module(module)
