@@ -122,7 +122,7 @@ def assign_splits(
         if label in held:
             split[idx] = "unseen"
             continue
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         split[rng.permutation(idx)[:n_test]] = "test"
     df["split"] = split
     return df

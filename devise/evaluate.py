@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -104,8 +102,9 @@ class _Standardize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-def fit_aux_head(spec, x: np.ndarray, y: np.ndarray, class_matrix: np.ndarray, epochs: int,
-                 seed: int = 0):
+def fit_aux_head(
+    spec, x: np.ndarray, y: np.ndarray, class_matrix: np.ndarray, epochs: int, seed: int = 0
+):
     """A head like the model's (same kind, rank loss) trained in-process on cached features.
 
     Used only to choose the calibration constant on pseudo-unseen classes of the training split.
@@ -239,12 +238,12 @@ def evaluate(config: EvalConfig) -> dict:
     test_ok, unseen_ok = t_test >= 0, t_unseen >= 0
 
     counts = {
-        "train_images": int(len(train)),
+        "train_images": len(train),
         "test_images": int(test_ok.sum()),
         "unseen_images": int(unseen_ok.sum()),
         "seen_classes": len(seen_keys),
         "unseen_classes": len(unseen_keys),
-        "decode_errors": int(len(fs.errors)),
+        "decode_errors": len(fs.errors),
     }
     log.info("Evaluating on %s", counts)
 
@@ -262,7 +261,9 @@ def evaluate(config: EvalConfig) -> dict:
         cats = imagenet_categories()
         known = np.array([vectors.has_vector(c) for c in cats])
         label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
-        label_vectors[known] = _normalize(vectors.lookup_many([c for c, k in zip(cats, known) if k]))
+        label_vectors[known] = _normalize(
+            vectors.lookup_many([c for c, k in zip(cats, known) if k])
+        )
 
         def conse(x):
             with torch.no_grad():
@@ -271,7 +272,7 @@ def evaluate(config: EvalConfig) -> dict:
 
         reps["ConSE"] = {"test": conse(test.features), "unseen": conse(unseen.features)}
         conse_note = f"{int(known.sum())}/1000 ImageNet class names have a word vector"
-    except Exception as e:  # e.g. the test backbone has no ImageNet classifier
+    except Exception as e:  # noqa: BLE001 -- e.g. the test backbone has no ImageNet classifier
         conse_note = f"ConSE not available: {e}"
         reps["ConSE"] = {"test": None, "unseen": None}
 
@@ -317,7 +318,10 @@ def evaluate(config: EvalConfig) -> dict:
             if method == "DeViSE":
                 _confusion_png(
                     scores - gamma_info["gamma"] * (~unseen_classes)[None, :],
-                    targets, all_names, unseen_classes, Path(config.out) / "confusion.png",
+                    targets,
+                    all_names,
+                    unseen_classes,
+                    Path(config.out) / "confusion.png",
                 )
         rows[method] = row
 
@@ -370,8 +374,15 @@ def _confusion_png(scores, targets, names, unseen_classes, out: Path) -> None:
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                        color="white" if frac[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    cm[i, j],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if frac[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted (among all classes, calibrated)")
     ax.set_ylabel("true class (* = held out, never trained on)")
     ax.set_title("DeViSE confusion: test + unseen images")
@@ -389,10 +400,12 @@ def markdown_report(report: dict) -> str:
     """The paper-style tables as markdown."""
     c = report["counts"]
     lines = [
-        f"Backbone {report['backbone']} at {report['image_size']} px, {report['head']} head, "
-        f"word vectors {report['vectors']}. {c['train_images']} train, {c['test_images']} test "
-        f"and {c['unseen_images']} unseen images; {c['seen_classes']} training classes, "
-        f"{c['unseen_classes']} held out ({', '.join(report['unseen_classes']) or 'none'}).",
+        (
+            f"Backbone {report['backbone']} at {report['image_size']} px, {report['head']} head, "
+            f"word vectors {report['vectors']}. {c['train_images']} train, {c['test_images']} test "
+            f"and {c['unseen_images']} unseen images; {c['seen_classes']} training classes, "
+            f"{c['unseen_classes']} held out ({', '.join(report['unseen_classes']) or 'none'})."
+        ),
         "",
         "| method | flat hit@1 | @2 | @5 | @10 | zero-shot hit@1 | @2 | @5 | @10 | P@10 | mAP |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -406,9 +419,11 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(_fmt(x) for x in cells) + " |")
     lines += [
         "",
-        "Flat hit@k: test images of the training classes, nearest among the training classes. "
-        "Zero-shot (DeViSE-0): held-out images among the held-out classes only. "
-        "P@10 and mAP: each class name as a search query over the test and held-out images.",
+        (
+            "Flat hit@k: test images of the training classes, nearest among the training classes. "
+            "Zero-shot (DeViSE-0): held-out images among the held-out classes only. "
+            "P@10 and mAP: each class name as a search query over the test and held-out images."
+        ),
         "",
         "Generalized zero-shot (test + held-out images among all classes; per-class top-1):",
         "",
@@ -429,9 +444,11 @@ def markdown_report(report: dict) -> str:
     if cal.get("pseudo_unseen"):
         lines += [
             "",
-            f"γ was chosen on the training split only: training classes "
-            f"{', '.join(cal['pseudo_unseen'])} held out as pseudo-unseen, an auxiliary head "
-            f"trained on the rest, γ maximising H on {cal['validation_rows']} validation images.",
+            (
+                f"γ was chosen on the training split only: training classes "
+                f"{', '.join(cal['pseudo_unseen'])} held out as pseudo-unseen, an auxiliary head "
+                f"trained on the rest, γ maximising H on {cal['validation_rows']} validation images."
+            ),
         ]
     if report.get("conse"):
         lines += ["", f"ConSE: {report['conse']}."]

@@ -79,7 +79,7 @@ def decode_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) 
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not lose an otherwise fine image
+    except Exception:  # noqa: BLE001, S110 -- a broken EXIF block must not lose a fine image
         pass
     return _to_rgb(img)
 

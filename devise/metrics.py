@@ -34,7 +34,10 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 def generalized_zero_shot(
-    scores: np.ndarray, targets: np.ndarray, is_unseen: np.ndarray, unseen_classes: np.ndarray,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    is_unseen: np.ndarray,
+    unseen_classes: np.ndarray,
     gamma: float = 0.0,
 ) -> dict:
     """Generalized zero-shot accuracy among all classes, with calibrated stacking.
@@ -51,7 +54,10 @@ def generalized_zero_shot(
 
 
 def choose_gamma(
-    scores: np.ndarray, targets: np.ndarray, is_unseen: np.ndarray, unseen_classes: np.ndarray,
+    scores: np.ndarray,
+    targets: np.ndarray,
+    is_unseen: np.ndarray,
+    unseen_classes: np.ndarray,
     grid: np.ndarray | None = None,
 ) -> float:
     """The calibration constant maximising the harmonic mean on a validation set.
@@ -61,7 +67,8 @@ def choose_gamma(
     """
     grid = np.linspace(-0.5, 1.0, 301) if grid is None else grid
     best = max(
-        grid, key=lambda g: generalized_zero_shot(scores, targets, is_unseen, unseen_classes, g)["H"]
+        grid,
+        key=lambda g: generalized_zero_shot(scores, targets, is_unseen, unseen_classes, g)["H"],
     )
     return float(best)
 

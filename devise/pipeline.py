@@ -75,7 +75,7 @@ def decode_batch(
             errors[i] = ""
         except ImageDecodeError as e:
             errors[i] = str(e)
-        except Exception as e:  # any decoder bug on one file must not stop the job
+        except Exception as e:  # noqa: BLE001 -- a decoder bug on one file must not stop the job
             errors[i] = f"{type(e).__name__}: {e}"
     out = dict(batch)
     out["image"] = images

@@ -12,7 +12,9 @@ def add_ray_args(parser: argparse.ArgumentParser, workers_help: str = "Ray worke
     """Flags for where and how wide a job runs. Resources are flags, never hard-coded."""
     g = parser.add_argument_group("Ray resources")
     g.add_argument("--num-workers", type=int, default=2, help=f"number of {workers_help}")
-    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (see --gpus-per-worker)")
+    g.add_argument(
+        "--use-gpu", action="store_true", help="one GPU per worker (see --gpus-per-worker)"
+    )
     g.add_argument(
         "--cpus-per-worker",
         type=float,

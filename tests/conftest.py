@@ -48,8 +48,9 @@ def write_vec(path: Path, words: list[str], dim: int = 8, seed: int = 0, header:
     with open(path, "w", encoding="utf-8") as f:
         if header:
             f.write(f"{len(words)} {dim}\n")
-        for w, row in zip(words, mat):
-            f.write(w + " " + " ".join(f"{x:.6f}" for x in row) + "\n")
+        f.writelines(
+            w + " " + " ".join(f"{x:.6f}" for x in row) + "\n" for w, row in zip(words, mat)
+        )
     return mat
 
 

@@ -36,7 +36,7 @@ def _tiny_imagenet(root: Path, wnids=("n01", "n02", "n03"), per_class=10, val_pe
 
 def test_folder_catalog_columns_and_split(image_tree):
     df = build_catalog(image_tree, test_fraction=0.5, seed=3)
-    assert set(["path", "label", "class_name", "split", "size_bytes", "mtime_ns"]) <= set(df)
+    assert {"path", "label", "class_name", "split", "size_bytes", "mtime_ns"} <= set(df)
     assert len(df) == 30 and df["path"].is_unique
     assert set(df["label"]) == {"cat", "dog", "car", "ship", "ankle boot"}
     per_class = df.groupby(["label", "split"]).size().unstack()

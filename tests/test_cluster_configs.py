@@ -47,7 +47,12 @@ def _parse_job_command(tokens: list[str]):
 
 def test_there_are_configs_to_check():
     names = {p.name for p in YAML_FILES}
-    assert {"runtime_env.yaml", "ray-cluster.yaml", "rayjob-train.yaml", "rayjob-embed.yaml"} <= names
+    assert {
+        "runtime_env.yaml",
+        "ray-cluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-embed.yaml",
+    } <= names
     assert {"raycluster.yaml", "cronjob-reembed.yaml"} <= names
 
 

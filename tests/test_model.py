@@ -55,7 +55,9 @@ def test_rank_loss_matches_the_paper_formula():
         t = targets[i]
         for j in range(3):
             if j != t:
-                expected += max(0.0, 0.1 - float(pred[i] @ classes[t]) + float(pred[i] @ classes[j]))
+                expected += max(
+                    0.0, 0.1 - float(pred[i] @ classes[t]) + float(pred[i] @ classes[j])
+                )
     assert rank_loss(pred, classes, targets).item() == pytest.approx(expected / 4, rel=1e-5)
 
 
