@@ -1,0 +1,407 @@
+"""Search an embeddings folder: words, phrases or an image -> exact cosine top-k images, a
+montage of the results, and the words nearest to an image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from devise.embed import EmbedError, embedding_matrix, read_version
+
+# Scores of one block of queries against all rows stay under this many bytes.
+_BLOCK_BYTES = 256 << 20
+
+
+class SearchError(ValueError):
+    """A search that cannot run (folder, vectors or model mismatch); str() says what to do."""
+
+
+@dataclass
+class SearchResult:
+    """One hit: the rank-th nearest image to `query`."""
+
+    query: str
+    rank: int
+    path: str
+    label: str | None
+    score: float
+    class_name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "rank": self.rank,
+            "path": self.path,
+            "label": self.label,
+            "score": round(self.score, 6),
+        }
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> float32 rows of unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def top_k(
+    matrix: np.ndarray, queries: np.ndarray, k: int, block_bytes: int = _BLOCK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: matrix (N, D), queries (Q, D) or (D,) -> scores (Q, k)
+    float32 and indices (Q, k) int64, best first.
+
+    With unit rows this is cosine similarity. One matrix product per block of queries, then
+    argpartition (O(N)) and a sort of only the k winners, not a sort of all N.
+    """
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    n = matrix.shape[0]
+    k = max(0, min(int(k), n))
+    scores_out = np.empty((len(q), k), dtype=np.float32)
+    index_out = np.empty((len(q), k), dtype=np.int64)
+    if k == 0 or len(q) == 0:
+        return scores_out, index_out
+    step = max(1, block_bytes // max(1, 4 * n))
+    for a in range(0, len(q), step):
+        sims = q[a : a + step] @ matrix.T  # (B, N)
+        if k < n:
+            # The k largest sit at the end after partitioning; no negated copy of (B, N).
+            part = np.argpartition(sims, n - k, axis=1)[:, n - k :]
+        else:
+            part = np.broadcast_to(np.arange(n), (len(sims), n))
+        part_scores = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        index_out[a : a + step] = np.take_along_axis(part, order, axis=1)
+        scores_out[a : a + step] = np.take_along_axis(part_scores, order, axis=1)
+    return scores_out, index_out
+
+
+class EmbeddingIndex:
+    """One committed version of an embeddings folder in memory, ready for exact search.
+
+    paths, labels, class_names: (N,) object arrays; matrix: (N, D) float32, unit rows;
+    manifest: the version's manifest (model_id, dim, vectors, vectors_id, model_dir, ...).
+    """
+
+    def __init__(
+        self,
+        emb_dir: Path,
+        manifest: dict,
+        paths: np.ndarray,
+        labels: np.ndarray,
+        class_names: np.ndarray,
+        matrix: np.ndarray,
+    ) -> None:
+        self.emb_dir = emb_dir
+        self.manifest = manifest
+        self.paths = paths
+        self.labels = labels
+        self.class_names = class_names
+        self.matrix = matrix
+
+    @classmethod
+    def open(cls, emb_dir: str | os.PathLike, version: str | None = None) -> EmbeddingIndex:
+        """Load the current version (the newest complete one), or a named one."""
+        emb_dir = Path(emb_dir).expanduser()
+        for attempt in range(3):
+            try:
+                manifest, table = read_version(emb_dir, version)
+                break
+            except EmbedError as e:
+                raise SearchError(str(e)) from None
+            except FileNotFoundError:
+                # A writer removed an old version while we read it: take the new current one.
+                if attempt == 2 or version is not None:
+                    raise
+        matrix = embedding_matrix(table)
+        dim = int(manifest["dim"])
+        if matrix.shape[1] != dim:
+            raise SearchError(
+                f"{emb_dir} version {manifest['version']} says {dim}-d embeddings but its parts "
+                f"hold {matrix.shape[1]}-d ones; re-embed it with `devise embed`."
+            )
+        sample = matrix[:1000]
+        if len(sample) and not np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-3):
+            matrix = normalize_rows(matrix)
+        col = table.column
+        return cls(
+            emb_dir,
+            manifest,
+            np.asarray(col("path").to_pylist(), dtype=object),
+            np.asarray(col("label").to_pylist(), dtype=object),
+            np.asarray(col("class_name").to_pylist(), dtype=object),
+            np.ascontiguousarray(matrix),
+        )
+
+    def __len__(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors (Q, D) or (D,) -> (scores (Q, k), indices (Q, k)), cosine, best first."""
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if q.shape[1] != self.dim:
+            raise SearchError(
+                f"Query vectors are {q.shape[1]}-d but {self.emb_dir} holds {self.dim}-d "
+                "embeddings; use the word vectors or model it was embedded with."
+            )
+        return top_k(self.matrix, normalize_rows(q), k)
+
+    def results(
+        self, queries: Sequence[str], scores: np.ndarray, indices: np.ndarray
+    ) -> list[list[SearchResult]]:
+        """Turn search() output into SearchResult lists, one list per query."""
+        out = []
+        for query, row_scores, row_idx in zip(queries, scores, indices):
+            out.append(
+                [
+                    SearchResult(
+                        query,
+                        rank + 1,
+                        str(self.paths[i]),
+                        self.labels[i],
+                        float(s),
+                        self.class_names[i],
+                    )
+                    for rank, (s, i) in enumerate(zip(row_scores, row_idx))
+                ]
+            )
+        return out
+
+    def check_vectors(self, word_vectors) -> None:
+        """Refuse word vectors whose size or identity differ from the ones the model used."""
+        want_id = self.manifest.get("vectors_id") or ""
+        if word_vectors.dim != self.dim:
+            raise SearchError(
+                f"{self.emb_dir} holds {self.dim}-d embeddings (word vectors "
+                f"{want_id or self.manifest.get('vectors')}) but the word vectors "
+                f"{word_vectors.vectors_id} are {word_vectors.dim}-d; pass --vectors with the "
+                "table the model was trained on."
+            )
+        if want_id and word_vectors.vectors_id != want_id:
+            raise SearchError(
+                f"{self.emb_dir} was embedded for word vectors {want_id}, not "
+                f"{word_vectors.vectors_id}; pass --vectors with the table the model was "
+                "trained on."
+            )
+
+    def word_vectors(self, source: str | os.PathLike | None = None):
+        """The word vectors named in the manifest (or `source`), checked against the folder."""
+        from devise.vectors import load_vectors
+
+        src = source or self.manifest.get("vectors")
+        if not src:
+            raise SearchError(f"{self.emb_dir} names no word vectors; pass --vectors.")
+        wv = load_vectors(src)
+        self.check_vectors(wv)
+        return wv
+
+
+def query_vector(text: str, word_vectors) -> np.ndarray:
+    """A word or phrase -> its unit (D,) float32 vector; UnknownWordError (with the nearest
+    spellings) when no token of it has a vector."""
+    v = np.asarray(word_vectors.lookup(text), dtype=np.float32)
+    norm = float(np.linalg.norm(v))
+    if norm == 0.0:
+        raise SearchError(f'The word vector of "{text}" is all zeros; try another word.')
+    return v / norm
+
+
+def search_text(
+    index: EmbeddingIndex, queries: Sequence[str], word_vectors, k: int = 10
+) -> list[list[SearchResult]]:
+    """Words or phrases -> the k nearest images each."""
+    q = np.stack([query_vector(t, word_vectors) for t in queries])
+    scores, idx = index.search(q, k)
+    return index.results(queries, scores, idx)
+
+
+def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = None) -> Path:
+    """The model folder that embedded the index (or model_dir), checked by model id."""
+    from devise.model import model_id
+
+    path = Path(model_dir or index.manifest.get("model_dir") or "").expanduser()
+    if not str(path) or not (path / "spec.json").is_file():
+        raise SearchError(
+            f"The model that embedded {index.emb_dir} ({path}) is not there; pass --model "
+            "RUN_DIR/model."
+        )
+    got = model_id(path)
+    if got != index.model_id:
+        raise SearchError(
+            f"{index.emb_dir} was embedded with model {index.model_id}, but {path} is model "
+            f"{got}; pass the --model it was embedded with, or re-embed with this one."
+        )
+    return path
+
+
+def embed_images(paths: Sequence[str], model_dir: str | os.PathLike) -> np.ndarray:
+    """Image files -> (N, D) unit embeddings, in this process, with the embedding job's code.
+
+    ImageDecodeError (one sentence naming the file) when one cannot be read.
+    """
+    from devise.images import ImageDecodeError
+    from devise.model import load_spec
+    from devise.pipeline import ModelActor, decode_batch
+
+    spec = load_spec(model_dir)
+    batch = decode_batch(
+        {"path": np.asarray([str(p) for p in paths], dtype=object)}, spec.backbone, spec.image_size
+    )
+    for path, err in zip(paths, batch["error"]):
+        if err:
+            raise ImageDecodeError(f"Cannot use image {path}: {err}.")
+    actor = ModelActor(spec.backbone, spec.backbone_weights, str(model_dir))
+    return actor(batch)["embedding"]
+
+
+def search_image(
+    index: EmbeddingIndex,
+    image: str | os.PathLike,
+    k: int = 10,
+    model_dir: str | os.PathLike | None = None,
+    word_vectors=None,
+    words: int = 10,
+) -> tuple[list[SearchResult], list[tuple[str, float]]]:
+    """An image -> (its k nearest images, its `words` nearest words)."""
+    model = resolve_model(index, model_dir)
+    vec = embed_images([str(image)], model)[0]
+    scores, idx = index.search(vec[None], k)
+    near_words = word_vectors.nearest(vec, words) if word_vectors is not None and words else []
+    return index.results([str(image)], scores, idx)[0], near_words
+
+
+# ---------------------------------------------------------------------------------------------
+# montage
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def montage(
+    results: Sequence[Sequence[SearchResult]], out_png: str | os.PathLike, tile: int = 128
+) -> Path:
+    """Write a PNG: one row per query (its text above), each result's image with rank, score
+    and label below it. Unreadable images become grey tiles saying why."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from devise.images import ImageDecodeError, decode_image
+
+    font = ImageFont.load_default()
+    pad, head, caption = 4, 16, 28
+    cols = max((len(r) for r in results), default=0) or 1
+    row_h = head + tile + caption + pad
+    width = pad + cols * (tile + pad)
+    canvas = Image.new("RGB", (width, pad + max(1, len(results)) * row_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(results):
+        y = pad + r * row_h
+        if row:
+            draw.text((pad, y + 2), _fit(draw, row[0].query, font, width - 2 * pad), "black", font)
+        for c, hit in enumerate(row):
+            x = pad + c * (tile + pad)
+            try:
+                img = ImageOps.pad(decode_image(hit.path), (tile, tile), color="white")
+            except (ImageDecodeError, OSError) as e:
+                img = Image.new("RGB", (tile, tile), (200, 200, 200))
+                ImageDraw.Draw(img).text((4, tile // 2), _fit(draw, str(e), font, tile), "black")
+            canvas.paste(img, (x, y + head))
+            name = hit.class_name or hit.label or Path(hit.path).name
+            top = f"{hit.rank}. {hit.score:.3f}"
+            draw.text((x, y + head + tile + 2), top, "black", font)
+            draw.text((x, y + head + tile + 14), _fit(draw, str(name), font, tile), "black", font)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _print_table(hits: Sequence[SearchResult], file=None) -> None:
+    width = max([5] + [len(str(h.label)) for h in hits])
+    print(f"{'rank':>4}  {'score':>7}  {'label':<{width}}  path", file=file)
+    for h in hits:
+        print(f"{h.rank:>4}  {h.score:>7.4f}  {h.label or '-'!s:<{width}}  {h.path}", file=file)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search embedded images by words, phrases or an image",
+        description="Exact cosine top-k over the current version of an embeddings folder.",
+    )
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
+    p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
+    p.add_argument("--image", help="search with an image instead of words")
+    p.add_argument("--words", type=int, default=10, help="with --image: nearest words to show")
+    p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
+    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
+    p.add_argument("--version", help="search this version instead of the current one")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    if bool(args.queries) == bool(args.image):
+        raise SearchError("Give words to search for, or --image PATH (not both).")
+    if args.k < 1:
+        raise SearchError("-k must be at least 1.")
+    index = EmbeddingIndex.open(args.embeddings, args.version)
+    if args.image:
+        wv = index.word_vectors(args.vectors) if args.words > 0 else None
+        hits, words = search_image(index, args.image, args.k, args.model, wv, args.words)
+        rows = [hits]
+        if args.json:
+            payload = {
+                "query": str(args.image),
+                "images": [h.to_dict() for h in hits],
+                "words": [{"word": w, "score": round(s, 6)} for w, s in words],
+            }
+            print(json.dumps(payload, indent=2))
+        else:
+            if words:
+                print("Nearest words: " + ", ".join(f"{w} ({s:.3f})" for w, s in words))
+            print(f"Nearest images to {args.image} ({index.version}, {len(index)} images):")
+            _print_table(hits)
+    else:
+        wv = index.word_vectors(args.vectors)
+        rows = search_text(index, args.queries, wv, args.k)
+        if args.json:
+            print(json.dumps([h.to_dict() for hits in rows for h in hits], indent=2))
+        else:
+            for i, hits in enumerate(rows):
+                if i:
+                    print()
+                print(f'"{args.queries[i]}" ({index.version}, {len(index)} images):')
+                _print_table(hits)
+    if args.montage:
+        out = montage(rows, args.montage)
+        print(f"Wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0

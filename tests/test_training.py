@@ -1,0 +1,264 @@
+"""Training job: 2-worker Ray Train DDP on tiny data, outputs, kill + resume, online mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_CLASSES, write_vec
+from PIL import Image
+
+from devise import training as T
+from devise.catalog import build_catalog, write_catalog
+from devise.model import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> dict:
+    """5 colour classes x 6 images, 'ship' held out; a seeded .vec; one feature cache shared by
+    the tests of this module (so the backbone runs once)."""
+    base = tmp_path_factory.mktemp("train-inputs")
+    root = base / "images"
+    for c, name in enumerate(TINY_CLASSES):
+        rng = np.random.default_rng(100 + c)
+        colour = rng.integers(0, 255, size=3)
+        for i in range(6):
+            arr = np.clip(colour + rng.normal(0, 15, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+            p = root / name / f"img_{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+    catalog = write_catalog(
+        build_catalog(root, test_fraction=0.34, holdout=["ship"], seed=0), base / "catalog.parquet"
+    )
+    vec = base / "tiny.vec"
+    words = ["cat", "dog", "car", "ship", "ankle", "boot", "shoe", "bridge", "kitten", "the"]
+    write_vec(vec, words, dim=8, seed=1)
+    return {"catalog": catalog, "vectors": vec, "cache": base / "features", "base": base}
+
+
+def _argv(inputs: dict, out: Path, *extra: str) -> list[str]:
+    return [
+        "--catalog", str(inputs["catalog"]), "--out", str(out), "--vectors", str(inputs["vectors"]),
+        "--backbone", "tiny", "--image-size", "32", "--batch-size", "8", "--lr", "0.01",
+        "--num-workers", "2", "--cpus-per-worker", "0.5", "--embed-workers", "1",
+        "--decode-cpus", "0.5", "--feature-cache", str(inputs["cache"]), *extra,
+    ]  # fmt: skip
+
+
+def _config(inputs: dict, out: Path, **kw) -> T.TrainConfig:
+    import argparse
+    import dataclasses
+
+    p = argparse.ArgumentParser()
+    T.add_train_args(p)
+    return dataclasses.replace(T.config_from_args(p.parse_args(_argv(inputs, out))), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# No Ray needed
+
+
+def test_user_errors_are_one_sentence(tiny_inputs: dict, tmp_path: Path, capsys) -> None:
+    cases = [
+        ({"catalog": str(tmp_path / "nope.parquet")}, "does not exist"),
+        ({"loss": "hinge"}, "Unknown loss"),
+        ({"unfreeze_last": True}, "needs --mode online"),
+        ({"vectors": str(tmp_path / "none.vec")}, "does not exist"),
+        ({"backbone": "alexnet"}, "Unknown backbone"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(Exception, match=match) as info:
+            T.train(_config(tiny_inputs, tmp_path / "run", **kw))
+        assert "\n" not in str(info.value)
+    only_test = tmp_path / "test_only.parquet"
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    df.assign(split="test").to_parquet(only_test)
+    with pytest.raises(T.TrainError, match="no training rows"):
+        T.train(_config(tiny_inputs, tmp_path / "run", catalog=str(only_test)))
+    # Through the job entry point: exit code 2 and one line on stderr, no traceback.
+    code = _load_job().main(_argv(tiny_inputs, tmp_path / "run", "--loss", "hinge"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "devise train: error: Unknown loss 'hinge'; choose 'rank' or 'cosine'."
+
+
+def test_select_rows_and_training_classes(tiny_inputs: dict) -> None:
+    from devise.vectors import load_vectors
+
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    sub = T.select_rows(df, max_train_per_class=2, seed=0)
+    assert sub[sub["split"] == "train"].groupby("label").size().max() == 2
+    assert (sub["split"] != "train").sum() == (df["split"] != "train").sum()
+    assert T.select_rows(df, 2, seed=0).equals(sub)  # deterministic
+    classes = T.training_classes(sub, load_vectors(tiny_inputs["vectors"]))
+    assert "ship" not in classes.keys  # held out: never a training class
+    assert sorted(classes.keys) == sorted(set(TINY_CLASSES) - {"ship"})
+    np.testing.assert_allclose(np.linalg.norm(classes.matrix, axis=1), 1.0, rtol=1e-5)
+
+
+def test_epoch_indices_equal_steps_and_cover_rows() -> None:
+    gen = torch.Generator().manual_seed(0)
+    idx = T._epoch_indices(5, steps=3, batch=4, gen=gen)
+    assert len(idx) == 12 and set(idx.tolist()) == set(range(5))
+    idx = T._epoch_indices(10, steps=2, batch=4, gen=gen)
+    assert len(idx) == 8 and len(set(idx.tolist())) == 8  # no repeats within one pass
+
+
+def test_hits_counts_top1_and_top5() -> None:
+    classes = torch.eye(6)
+    pred = torch.tensor([[1.0, 0.5, 0, 0, 0, 0], [0.9, 1.0, 0.8, 0.7, 0.6, 0.0]])
+    assert T._hits(pred, classes, torch.tensor([0, 0])) == (1, 2)
+    assert T._hits(pred, classes, torch.tensor([1, 5])) == (0, 1)
+
+
+def test_metrics_writer_appends_each_epoch_once(tmp_path: Path) -> None:
+    w = T.MetricsWriter(str(tmp_path / "metrics.jsonl"))
+    w.after_report(None, [{"epoch": 1, "x": 1.0}, {"epoch": 1, "x": 9.0}], None)
+    w.after_report(None, [{"epoch": 2, "x": 2.0}], None)
+    w2 = T.MetricsWriter(str(tmp_path / "metrics.jsonl"))  # a rerun's writer
+    w2.after_report(None, [{"epoch": 2, "x": 5.0}], None)
+    rows = T.read_metrics(tmp_path)
+    assert [(r["epoch"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0)]
+
+
+def test_plot_losses_writes_png(tmp_path: Path) -> None:
+    metrics = [
+        {"epoch": e, "test_loss": 1.0 / e, "batch_losses": list(np.linspace(1, 0.5, 20) / e)}
+        for e in (1, 2, 3)
+    ]
+    out = T.plot_losses(metrics, tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> None:
+    """A tuned Lite0 saved by training loads with load_backbone(weights=...) unchanged."""
+    from devise.backbones import load_backbone
+
+    try:
+        fb = load_backbone("efficientnet_lite0")
+    except Exception as e:  # noqa: BLE001 -- the embedded weights are an optional asset here
+        pytest.skip(f"EfficientNet-Lite0 weights unavailable: {e}")
+    params = fb.unfreeze_last()
+    with torch.no_grad():
+        params[0].add_(0.5)
+    path = tmp_path / "backbone.pt"
+    torch.save(T._export_backbone("efficientnet_lite0", None, fb.state_dict()), path)
+    again = load_backbone("efficientnet_lite0", path)
+    x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), fb(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train fits (each ~20-60 s here)
+
+
+@pytest.mark.timeout(480)
+def test_two_worker_training_end_to_end_survives_kill(
+    tiny_inputs: dict, tmp_path: Path, ray_session
+):
+    """`python jobs/train.py` with 2 DDP workers on CPU: SIGKILL its driver after epoch 1's
+    checkpoint, rerun the same command; it continues at epoch 2 instead of starting over and
+    writes every output of a finished run."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_inputs, out, "--epochs", "3", "--augment-views", "1")
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 -- closed in finally, after the kill
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *argv, "--address", address],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 360
+        while time.time() < deadline and not T.read_metrics(out):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        first = T.read_metrics(out)
+        assert [m["epoch"] for m in first] == [1], (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert not (out / "model").exists()  # the first run did not finish
+    cfg = json.loads((out / "config.json").read_text())
+    assert (out / "checkpoints" / cfg["run_name"] / "epoch_0001").is_dir()
+
+    # The same command again (in-process, on the same cluster).
+    assert _load_job().main([*argv, "--address", address]) == 0
+    metrics = T.read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[0] == first[0]  # epoch 1 was not trained again
+    assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed, not restarted
+    assert all(m["time"] > killed_at for m in metrics[1:])
+
+    # Everything a finished run leaves behind.
+    for m in metrics:
+        assert m["world_size"] == 2 and m["test_count"] > 0
+        assert np.isfinite(m["train_loss"]) and np.isfinite(m["test_loss"])
+        assert 0.0 <= m["test_hit1"] <= m["test_hit5"] <= 1.0
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # it learns
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["backbone"] == "tiny" and cfg["image_size"] == 32
+    assert Path(cfg["features"]["path"]).parent == tiny_inputs["cache"]
+    ckpts = sorted(p.name for p in (out / "checkpoints" / cfg["run_name"]).glob("epoch_*"))
+    assert ckpts == ["epoch_0002", "epoch_0003"]  # --keep-checkpoints 2
+    head = load_model(out / "model")
+    spec = head.spec
+    assert spec.backbone == "tiny" and spec.image_size == 32 and spec.kind == "mlp"
+    assert spec.vectors == str(tiny_inputs["vectors"]) and spec.vectors_id
+    assert sorted(spec.class_keys) == sorted(set(TINY_CLASSES) - {"ship"})  # no unseen class
+    assert not torch.allclose(head.feat_std, torch.ones_like(head.feat_std))  # stats were set
+    assert torch.allclose(head(torch.randn(3, spec.in_dim)).norm(dim=1), torch.ones(3))
+    assert np.load(out / "class_vectors.npy").shape == (len(spec.class_keys), 8)
+
+    # A rerun with other settings into the same RUN_DIR is refused, outputs untouched.
+    with pytest.raises(T.TrainError, match="other settings"):
+        T.train(_config(tiny_inputs, out, lr=0.5))
+
+
+@pytest.mark.timeout(300)
+def test_online_mode_fine_tunes_last_block(tiny_inputs: dict, tmp_path: Path, ray_session):
+    out = tmp_path / "run"
+    argv = _argv(
+        tiny_inputs, out, "--mode", "online", "--unfreeze-last", "--epochs", "2",
+        "--backbone-lr", "0.05", "--loss", "cosine",
+    )  # fmt: skip
+    assert _load_job().main(argv) == 0
+    metrics = T.read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(m["decode_errors"] == 0 and m["world_size"] == 2 for m in metrics)
+    spec = load_model(out / "model").spec
+    assert spec.backbone_weights == str(out / "model" / "backbone.pt")
+    tuned = torch.load(spec.backbone_weights, weights_only=True)
+    from devise.backbones import load_backbone
+
+    original = load_backbone("tiny").trunk.state_dict()
+    last = "4.weight"  # the last convolution: the block --unfreeze-last trains
+    assert not torch.allclose(tuned[last], original[last])
+    assert torch.allclose(tuned["0.weight"], original["0.weight"])  # earlier layers frozen
+    assert (out / "loss.png").exists()
+
+
+def _load_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_train", REPO / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
