@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Wheels of the pure-Python EfficientNet-Lite architecture, to carry to a GPU machine without an index.
+gpu-wheels: setup
+	$(PY) -m pip --version >/dev/null 2>&1 && $(PY) -m pip download -q --no-deps -d bench/.wheels efficientnet-lite-pytorch==0.1.0 \
+		|| pip download -q --no-deps -d bench/.wheels efficientnet-lite-pytorch==0.1.0

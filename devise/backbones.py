@@ -189,28 +189,33 @@ def _load_state_dict(path: str | os.PathLike) -> dict:
     return state
 
 
-def _build_lite0(weights: str | os.PathLike | None) -> FrozenBackbone:
+def _build_lite0(weights: str | os.PathLike | None, random_init: bool) -> FrozenBackbone:
     from efficientnet_lite_pytorch import EfficientNet
 
-    from devise import assets
-
     net = EfficientNet.from_name("efficientnet-lite0")
-    path = weights if weights is not None else assets.efficientnet_lite0_weights()
-    net.load_state_dict(_load_state_dict(path))
+    if not random_init:
+        from devise import assets
+
+        path = weights if weights is not None else assets.efficientnet_lite0_weights()
+        net.load_state_dict(_load_state_dict(path))
     return FrozenBackbone(BACKBONES["efficientnet_lite0"], _LiteTrunk(net), net._fc)
 
 
-def _build_torchvision(name: str, weights: str | os.PathLike | None) -> FrozenBackbone:
+def _build_torchvision(
+    name: str, weights: str | os.PathLike | None, random_init: bool
+) -> FrozenBackbone:
     import torchvision.models as tvm
 
     net = getattr(tvm, name)(weights=None)
     path = Path(weights) if weights is not None else torch_hub_weights_path(name)
-    if not path.exists():
-        raise BackboneError(
-            f"No weights for {name}: {path} does not exist. Copy torchvision's "
-            f"{_TORCHVISION_WEIGHTS[name]} there or pass --weights PATH (nothing is downloaded)."
-        )
-    net.load_state_dict(_load_state_dict(path))
+    if not random_init:
+        if not path.exists():
+            raise BackboneError(
+                f"No weights for {name}: {path} does not exist. Copy torchvision's "
+                f"{_TORCHVISION_WEIGHTS[name]} there or pass --weights PATH (nothing is "
+                "downloaded)."
+            )
+        net.load_state_dict(_load_state_dict(path))
     info = BACKBONES[name]
     if name == "vgg16_bn":
         trunk: nn.Module = _VggTrunk(net)
@@ -222,7 +227,7 @@ def _build_torchvision(name: str, weights: str | os.PathLike | None) -> FrozenBa
     return FrozenBackbone(info, trunk, classifier)
 
 
-def _build_tiny(seed: int = 0) -> FrozenBackbone:
+def _build_tiny(weights: str | os.PathLike | None = None, seed: int = 0) -> FrozenBackbone:
     gen = torch.Generator().manual_seed(seed)
     trunk = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1),
@@ -237,21 +242,32 @@ def _build_tiny(seed: int = 0) -> FrozenBackbone:
     with torch.no_grad():
         for p in trunk.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() > 1 else 0.1))
-    return FrozenBackbone(BACKBONES["tiny"], trunk, None)
+    backbone = FrozenBackbone(BACKBONES["tiny"], trunk, None)
+    if weights is not None:  # e.g. a fine-tuned copy saved by `devise train --unfreeze-last`
+        state = _load_state_dict(weights)
+        if any(k.startswith("trunk.") for k in state):
+            backbone.load_state_dict(state, strict=False)
+        else:
+            trunk.load_state_dict(state)
+        backbone.freeze()
+    return backbone
 
 
-def load_backbone(name: str, weights: str | os.PathLike | None = None) -> FrozenBackbone:
+def load_backbone(
+    name: str, weights: str | os.PathLike | None = None, random_init: bool = False
+) -> FrozenBackbone:
     """Build a frozen backbone by name on the CPU, in eval mode.
 
     weights: a state_dict file; default is the embedded EfficientNet-Lite0 weights, or, for
     torchvision models, the file in the local torch hub cache. Nothing is downloaded.
+    random_init: skip loading weights (throughput measurements only; the features mean nothing).
     """
     backbone_info(name)
     if name == "efficientnet_lite0":
-        return _build_lite0(weights)
+        return _build_lite0(weights, random_init)
     if name == "tiny":
-        return _build_tiny()
-    return _build_torchvision(name, weights)
+        return _build_tiny(weights)
+    return _build_torchvision(name, weights, random_init)
 
 
 def prepare_transform(

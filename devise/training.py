@@ -996,7 +996,7 @@ def _export_backbone(name: str, weights: str | None, state: dict) -> dict:
             out.update({f"{child}.{k}": v for k, v in fb.trunk[i].state_dict().items()})
         out.update({f"fc.{k}": v for k, v in fb.classifier.state_dict().items()})
         return out
-    # The seeded test backbone: its trunk's own keys (load_backbone ignores weights for it).
+    # The seeded test backbone: its trunk's own keys, as load_backbone("tiny", FILE) reads them.
     return {k: v.detach().clone() for k, v in fb.trunk.state_dict().items()}
 
 

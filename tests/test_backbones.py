@@ -77,3 +77,21 @@ def test_efficientnet_lite0_sees_a_cat_in_chelsea():
     names = backbones.imagenet_categories()
     cats = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
     assert cats & {names[i] for i in top5}, [names[i] for i in top5]
+
+
+def test_tiny_backbone_loads_fine_tuned_weights(tmp_path):
+    tuned = load_backbone("tiny")
+    with torch.no_grad():
+        for p in tuned.trunk.parameters():
+            p.add_(0.5)
+    torch.save(tuned.trunk.state_dict(), tmp_path / "tiny.pt")
+    again = load_backbone("tiny", weights=tmp_path / "tiny.pt")
+    x = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
+    assert torch.equal(again(x), tuned(x))
+    assert not torch.equal(again(x), load_backbone("tiny")(x))
+    assert all(not p.requires_grad for p in again.parameters())
+
+
+def test_random_init_needs_no_weights_file():
+    bb = load_backbone("resnet18", random_init=True)
+    assert bb(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape == (1, 512)
