@@ -70,8 +70,10 @@ def run_demo(args: argparse.Namespace) -> dict:
         )
     )  # fmt: skip
     last = result.metrics[-1] if result.metrics else {}
-    print(f"      model {result.model_dir}; last epoch: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, float)))  # fmt: skip
+    print(
+        f"      model {result.model_dir}; epoch {last.get('epoch')}: test hit@1 "
+        f"{last.get('test_hit1', float('nan')):.3f}, hit@5 {last.get('test_hit5', float('nan')):.3f}"
+    )
     _done(t)
 
     t = _step(4, total, "Embedding test and held-out images with Ray Data into parquet")

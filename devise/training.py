@@ -399,9 +399,21 @@ def _load_shard(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return x.to(device), y.to(device)
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report with all its metrics (per-batch losses included) at INFO;
+    the worker's own one-line epoch summary says what a user watching the logs needs."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def cached_train_loop(cfg: dict) -> None:
     """Ray Train loop over cached features: DDP head, Adam, checkpoint + report every epoch."""
     import ray.train
+
+    _quiet_report_logs()
     import ray.train.torch
 
     from devise.losses import get_loss
@@ -574,6 +586,8 @@ def online_train_loop(cfg: dict) -> None:
     """Ray Train loop, the notebook's way: decode + augment every image every epoch and run the
     backbone inside the loop; --unfreeze-last also trains the backbone's last block."""
     import ray.train
+
+    _quiet_report_logs()
     import ray.train.torch
 
     from devise.backbones import load_backbone
