@@ -19,6 +19,10 @@ from devise.embed import EmbedError, embedding_matrix, read_version
 _BLOCK_BYTES = 256 << 20
 
 
+# "What does the model think this image shows" looks among this many most frequent words.
+COMMON_WORDS = 50_000
+
+
 class SearchError(ValueError):
     """A search that cannot run (folder, vectors or model mismatch); str() says what to do."""
 
@@ -279,12 +283,18 @@ def search_image(
     model_dir: str | os.PathLike | None = None,
     word_vectors=None,
     words: int = 10,
+    top_words: int | None = COMMON_WORDS,
 ) -> tuple[list[SearchResult], list[tuple[str, float]]]:
-    """An image -> (its k nearest images, its `words` nearest words)."""
+    """An image -> (its k nearest images, its `words` nearest words among the top_words most
+    frequent words of the table)."""
     model = resolve_model(index, model_dir)
     vec = embed_images([str(image)], model)[0]
     scores, idx = index.search(vec[None], k)
-    near_words = word_vectors.nearest(vec, words) if word_vectors is not None and words else []
+    near_words = (
+        word_vectors.nearest(vec, words, top_words=top_words)
+        if word_vectors is not None and words
+        else []
+    )
     return index.results([str(image)], scores, idx)[0], near_words
 
 

@@ -188,11 +188,17 @@ class WordVectors:
         return self._norms
 
     def nearest(
-        self, vec: np.ndarray, k: int = 10, exclude: Iterable[str] = ()
+        self,
+        vec: np.ndarray,
+        k: int = 10,
+        exclude: Iterable[str] = (),
+        top_words: int | None = None,
     ) -> list[tuple[str, float]]:
         """The k words of highest cosine similarity to vec, best first, as (word, cosine).
 
-        Words equal to one in `exclude` ignoring case are skipped.
+        Words equal to one in `exclude` ignoring case are skipped. top_words limits the search
+        to the first rows of the table: GloVe and fastText files list words by frequency, and
+        among hundreds of thousands of rare words (names, typos) some are always near anything.
         """
         v = np.asarray(vec, dtype=np.float32).reshape(-1)
         if v.shape[0] != self.dim:
@@ -200,21 +206,22 @@ class WordVectors:
         v_norm = float(np.linalg.norm(v))
         if v_norm == 0.0 or k <= 0 or len(self) == 0:
             return []
-        scores = np.asarray(self.matrix @ v, dtype=np.float32)
-        scores /= np.maximum(self.row_norms(), 1e-12) * v_norm
+        n = len(self) if top_words is None else max(1, min(len(self), top_words))
+        scores = np.asarray(self.matrix[:n] @ v, dtype=np.float32)
+        scores /= np.maximum(self.row_norms()[:n], 1e-12) * v_norm
         banned = {e.casefold() for e in exclude}
-        take = min(len(self), k + len(banned) + 8)
+        take = min(n, k + len(banned) + 8)
         while True:
-            top = np.argpartition(-scores, take - 1)[:take] if take < len(self) else np.arange(take)
+            top = np.argpartition(-scores, take - 1)[:take] if take < n else np.arange(take)
             top = top[np.argsort(-scores[top], kind="stable")]
             found = [
                 (self.words[i], float(scores[i]))
                 for i in top
                 if not banned or self.words[i].casefold() not in banned
             ]
-            if len(found) >= k or take == len(self):
+            if len(found) >= k or take == n:
                 return found[:k]
-            take = min(len(self), take * 4)
+            take = min(n, take * 4)
 
     def suggest(self, word: str, n: int = 5) -> list[str]:
         """Up to n vocabulary words spelled like `word`, closest first (difflib ratio >= 0.6).

@@ -336,6 +336,13 @@ def test_nearest_cosine_matches_a_direct_computation(wv):
     assert [w for w, _ in wv.nearest(q, k=4)] == best
 
 
+def test_nearest_can_be_limited_to_the_most_frequent_rows(wv):
+    last = WORDS[-1]
+    assert wv.nearest(wv.lookup(last), k=1)[0][0] == last
+    limited = wv.nearest(wv.lookup(last), k=3, top_words=3)
+    assert {w for w, _ in limited} == set(WORDS[:3])
+
+
 def test_suggest_ranks_close_spellings(wv):
     assert wv.suggest("brige")[0] == "bridge"
     assert wv.suggest("zzzzzzzzzz") == []
