@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
+# e.g. `make demo DEMO_ARGS=--all` for all 70,000 Fashion-MNIST images
+DEMO_ARGS ?=
 
 .PHONY: setup demo test bench lint clean gpu-wheels
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) -m devise demo --out runs/demo
+	$(PY) -m devise demo --out runs/demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
