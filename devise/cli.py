@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         msg = str(e).strip().strip('"') or type(e).__name__
         print(f"devise {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return getattr(e, "EXIT_CODE", 2)
     except KeyboardInterrupt:
         print(f"devise {args.command}: interrupted", file=sys.stderr)
         return 130

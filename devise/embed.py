@@ -62,7 +62,9 @@ class EmbedError(ValueError):
 
 
 class LockHeldError(EmbedError):
-    """Another live run holds EMB_DIR's lock."""
+    """Another live run holds EMB_DIR's lock (the command exits with EXIT_CODE)."""
+
+    EXIT_CODE = 75  # EX_TEMPFAIL: nothing was written; a scheduler can treat the tick as skipped
 
 
 # ---------------------------------------------------------------------------------------------
