@@ -191,7 +191,9 @@ def test_a_second_writer_waits_or_exits_cleanly(setup, tmp_path, capsys):
     args = ["--model", str(setup["model"]), "--catalog", str(setup["catalog"]), "--out", str(out)]
     rc = cli.main(["embed", *args, "--local"])
     err = capsys.readouterr().err.strip()
-    assert rc == LockHeldError.EXIT_CODE == 75 and err.startswith("devise embed: error: Another run (pid ")
+    assert rc == LockHeldError.EXIT_CODE == 75 and err.startswith(
+        "devise embed: error: Another run (pid "
+    )
     assert list_versions(out) == []
     # --wait-lock: the second run waits for the first to finish, then takes the lock.
     timer = threading.Timer(0.5, holder.release)
