@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-rows", default="100000,1000000")
     p.add_argument("--skip", default="", help="comma list of: vectors,embedding,training,search")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
     args = p.parse_args(argv)
     if args.quick:
         args.vec_rows, args.per_class, args.search_rows = 100_000, 30, "100000"
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print("== search", flush=True)
         results["search"] = [embed_search.run_search(int(n)) for n in args.search_rows.split(",")]
     results["seconds"] = round(time.perf_counter() - t_all, 1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)  # the generated .vec alone is ~5 GB
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{dt.date.today().isoformat()}.json"
