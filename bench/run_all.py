@@ -35,9 +35,14 @@ def _images(per_class: int) -> list[str]:
     return sorted(str(p) for p in tree.rglob("*") if is_image_path(p.name))
 
 
-def raw_forward_ips(model_dir: Path, images: np.ndarray, batch: int, seconds: float = 10) -> float:
-    """The ceiling: backbone + head on images already decoded and resized in memory."""
+def raw_forward_ips(
+    model_dir: Path, images: np.ndarray, batch: int, seconds: float = 10, threads: int | None = None
+) -> float:
+    """Backbone + head on images already decoded and resized in memory, in this process."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from devise.backbones import load_backbone
     from devise.model import load_model
@@ -52,6 +57,24 @@ def raw_forward_ips(model_dir: Path, images: np.ndarray, batch: int, seconds: fl
             head(backbone(x[i : i + batch]))
             done += len(x[i : i + batch])
     return done / (time.perf_counter() - start)
+
+
+def _raw_worker(args) -> float:
+    return raw_forward_ips(*args)
+
+
+def ceiling_ips(model_dir: Path, images: np.ndarray, batch: int, seconds: float = 5) -> dict:
+    """The ceiling: the best raw forward this machine gives, as one process using every core, or
+    as one single-threaded process per core (on few cores, separate processes scale better than
+    one process's intra-op threads)."""
+    import multiprocessing as mp
+    import os
+
+    cores = os.cpu_count() or 1
+    one = raw_forward_ips(model_dir, images, batch, seconds, threads=cores)
+    with mp.get_context("spawn").Pool(cores) as pool:
+        per = pool.map(_raw_worker, [(model_dir, images, batch, seconds, 1)] * cores)
+    return {"one_process": one, "process_per_core": float(sum(per)), "best": max(one, sum(per))}
 
 
 def run_embedding(per_class: int, image_size: int, batch: int, workers: int, cpus: float,
@@ -69,7 +92,7 @@ def run_embedding(per_class: int, image_size: int, batch: int, workers: int, cpu
     decoded = decode_batch({"path": np.array(paths)}, "efficientnet_lite0", image_size)["image"]
     # This machine's speed drifts by tens of percent within minutes: measure the ceiling right
     # before and right after the pipeline and compare against their mean.
-    ceiling_before = raw_forward_ips(model, decoded, batch, seconds=5)
+    ceiling_before = ceiling_ips(model, decoded, batch)
 
     t0 = time.perf_counter()
     embed_search.notebook_embed(paths, model, batch)
@@ -95,8 +118,8 @@ def run_embedding(per_class: int, image_size: int, batch: int, workers: int, cpu
     end = time.perf_counter()
     steady = (rows - first_rows) / max(end - first_at, 1e-9)
     pipeline_e2e = rows / (end - t0)
-    ceiling_after = raw_forward_ips(model, decoded, batch, seconds=5)
-    ceiling = (ceiling_before + ceiling_after) / 2
+    ceiling_after = ceiling_ips(model, decoded, batch)
+    ceiling = (ceiling_before["best"] + ceiling_after["best"]) / 2
 
     result = embed(
         EmbedConfig(
@@ -137,7 +160,7 @@ def table(r: dict) -> str:
         rows.append((f"{what}: Ray Data steady state", f"{e['pipeline_steady_ips']:.0f}",
                      f"{e['notebook_ips']:.0f}",
                      f"{e['notebook_ips'] / e['pipeline_steady_ips']:.2f}x",
-                     f"{ceil:.0f} (raw forward)", f"{100 * e['pipeline_steady_ips'] / ceil:.0f}%"))  # fmt: skip
+                     f"{ceil:.0f} (best raw forward)", f"{100 * e['pipeline_steady_ips'] / ceil:.0f}%"))  # fmt: skip
         rows.append((f"{what}: Ray Data incl. actor start", f"{e['pipeline_e2e_ips']:.0f}",
                      f"{e['notebook_ips']:.0f}", f"{e['notebook_ips'] / e['pipeline_e2e_ips']:.2f}x",
                      f"{ceil:.0f}", f"{100 * e['pipeline_e2e_ips'] / ceil:.0f}%"))  # fmt: skip
@@ -170,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=1000, help="Fashion-MNIST images per class")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--embed-workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--embed-workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=0.75)
     p.add_argument("--decode-cpus", type=float, default=0.5)
-    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--search-rows", default="100000,1000000")
     p.add_argument("--skip", default="", help="comma list of: vectors,embedding,training,search")
     p.add_argument("--out", default=str(HERE / "results"))
