@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devise.embed import EmbedError, embedding_matrix, read_version
+from devise.store import EmbedError, embedding_matrix, read_version
 
 # Scores of one block of queries against all rows stay under this many bytes.
 _BLOCK_BYTES = 256 << 20

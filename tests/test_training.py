@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_CLASSES, write_vec
 from PIL import Image
 
+from devise import train_loops
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
 from devise.model import load_model
@@ -109,17 +110,17 @@ def test_select_rows_and_training_classes(tiny_inputs: dict) -> None:
 
 def test_epoch_indices_equal_steps_and_cover_rows() -> None:
     gen = torch.Generator().manual_seed(0)
-    idx = T._epoch_indices(5, steps=3, batch=4, gen=gen)
+    idx = train_loops._epoch_indices(5, steps=3, batch=4, gen=gen)
     assert len(idx) == 12 and set(idx.tolist()) == set(range(5))
-    idx = T._epoch_indices(10, steps=2, batch=4, gen=gen)
+    idx = train_loops._epoch_indices(10, steps=2, batch=4, gen=gen)
     assert len(idx) == 8 and len(set(idx.tolist())) == 8  # no repeats within one pass
 
 
 def test_hits_counts_top1_and_top5() -> None:
     classes = torch.eye(6)
     pred = torch.tensor([[1.0, 0.5, 0, 0, 0, 0], [0.9, 1.0, 0.8, 0.7, 0.6, 0.0]])
-    assert T._hits(pred, classes, torch.tensor([0, 0])) == (1, 2)
-    assert T._hits(pred, classes, torch.tensor([1, 5])) == (0, 1)
+    assert train_loops._hits(pred, classes, torch.tensor([0, 0])) == (1, 2)
+    assert train_loops._hits(pred, classes, torch.tensor([1, 5])) == (0, 1)
 
 
 def test_metrics_writer_appends_each_epoch_once(tmp_path: Path) -> None:
