@@ -1,17 +1,8 @@
 """Batch embedding into versioned parquet: image paths -> Ray Data -> head embeddings, resumable,
 incremental, committed atomically so readers only ever see complete versions.
 
-Layout of an embeddings folder (EMB_DIR)::
-
-    EMB_DIR/CURRENT                      the committed version's name (replaced with os.replace)
-    EMB_DIR/LOCK                         held by the one run writing EMB_DIR (pid, host, heartbeat)
-    EMB_DIR/errors.parquet               the current version's errors (a hard link)
-    EMB_DIR/versions/<seq>-<model_id>/   part-*.parquet, errors.parquet, removed.parquet and
-                                         manifest.json (written last); never changed once there
-    EMB_DIR/staging/<model_id>/          the running job's finished chunks; a rerun skips them
-
-A version is built under versions/.tmp-*, renamed into place, then named by CURRENT: a reader that
-follows CURRENT finds a complete version whatever a writer is doing.
+The folder layout, the version readers and the lock live in devise.store; this module plans a
+run, runs the model over chunks of rows into staging, and commits a new version.
 """
 
 from __future__ import annotations

@@ -26,19 +26,23 @@ def make_image(path: Path, seed: int, size: int = 24, mode: str = "RGB") -> Path
     return path
 
 
-@pytest.fixture
-def image_tree(tmp_path: Path) -> Path:
-    """ROOT/<class>/img_i.png: 5 classes x 6 images; each class a distinct colour."""
-    root = tmp_path / "images"
+def write_class_tree(root: Path, per_class: int = 6) -> Path:
+    """ROOT/<class>/img_i.png for TINY_CLASSES; each class a distinct colour (learnable)."""
     for c, name in enumerate(TINY_CLASSES):
         rng = np.random.default_rng(100 + c)
         base = rng.integers(0, 255, size=3)
-        for i in range(6):
+        for i in range(per_class):
             arr = np.clip(base + rng.normal(0, 15, size=(24, 24, 3)), 0, 255).astype(np.uint8)
             p = root / name / f"img_{i}.png"
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(p)
     return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """ROOT/<class>/img_i.png: 5 classes x 6 images; each class a distinct colour."""
+    return write_class_tree(tmp_path / "images")
 
 
 def write_vec(path: Path, words: list[str], dim: int = 8, seed: int = 0, header: bool = True):

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_CLASSES, write_vec
-from PIL import Image
+from conftest import TINY_CLASSES, write_class_tree, write_vec
 
 from devise import train_loops
 from devise import training as T
@@ -30,15 +29,7 @@ def tiny_inputs(tmp_path_factory) -> dict:
     """5 colour classes x 6 images, 'ship' held out; a seeded .vec; one feature cache shared by
     the tests of this module (so the backbone runs once)."""
     base = tmp_path_factory.mktemp("train-inputs")
-    root = base / "images"
-    for c, name in enumerate(TINY_CLASSES):
-        rng = np.random.default_rng(100 + c)
-        colour = rng.integers(0, 255, size=3)
-        for i in range(6):
-            arr = np.clip(colour + rng.normal(0, 15, size=(24, 24, 3)), 0, 255).astype(np.uint8)
-            p = root / name / f"img_{i}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
+    root = write_class_tree(base / "images")
     catalog = write_catalog(
         build_catalog(root, test_fraction=0.34, holdout=["ship"], seed=0), base / "catalog.parquet"
     )
