@@ -134,29 +134,47 @@ def _quiet_report_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _worker_context(cfg: dict) -> tuple[int, int, torch.device]:
+    """This Train worker's (rank, world size, device); seeds torch and quiets Ray's report logs."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_logs()
+    ctx = ray.train.get_context()
+    torch.manual_seed(cfg["seed"])
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def _resume(modules: dict[str, torch.nn.Module], opt, rank: int) -> tuple[dict | None, int]:
+    """Load the latest checkpoint (if any) into modules (by state key) and the optimizer.
+
+    Returns (state or None, first epoch to run)."""
+    import ray.train
+
+    state = load_state(ray.train.get_checkpoint())
+    if state is None:
+        return None, 1
+    for key, module in modules.items():
+        if state.get(key) is not None:
+            module.load_state_dict(state[key])
+    opt.load_state_dict(state["optimizer"])
+    if rank == 0:
+        print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
+    return state, state["epoch"] + 1
+
+
 def cached_train_loop(cfg: dict) -> None:
     """Ray Train loop over cached features: DDP head, Adam, checkpoint + report every epoch."""
     import ray.train
-
-    _quiet_report_logs()
     import ray.train.torch
 
     from devise.losses import get_loss
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg["seed"])
+    rank, world, device = _worker_context(cfg)
     head = _build_head(cfg["spec"], cfg["stats"])
     opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start, history = 1, []
-    state = load_state(ray.train.get_checkpoint())
-    if state is not None:
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["epoch"] + 1
-        if rank == 0:
-            print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
+    history: list[dict] = []
+    state, start = _resume({"head": head}, opt, rank)
     head.to(device)
     model = ray.train.torch.prepare_model(head)
     raw = model.module if hasattr(model, "module") else model
@@ -311,17 +329,12 @@ def online_train_loop(cfg: dict) -> None:
     """Ray Train loop, the notebook's way: decode + augment every image every epoch and run the
     backbone inside the loop; --unfreeze-last also trains the backbone's last block."""
     import ray.train
-
-    _quiet_report_logs()
     import ray.train.torch
 
     from devise.backbones import load_backbone
     from devise.losses import get_loss
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg["seed"])
+    rank, world, device = _worker_context(cfg)
     backbone = load_backbone(cfg["backbone"], cfg["weights"])
     tuned = backbone.unfreeze_last() if cfg["unfreeze_last"] else []
     head = _build_head(cfg["spec"], None)
@@ -330,16 +343,7 @@ def online_train_loop(cfg: dict) -> None:
     if tuned:
         groups.append({"params": tuned, "lr": cfg["backbone_lr"]})
     opt = torch.optim.Adam(groups, weight_decay=cfg["weight_decay"])
-    state = load_state(ray.train.get_checkpoint())
-    start = 1
-    if state is not None:
-        head.load_state_dict(state["head"])
-        if state.get("backbone") is not None:
-            backbone.load_state_dict(state["backbone"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["epoch"] + 1
-        if rank == 0:
-            print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
+    state, start = _resume({"head": head, "backbone": backbone}, opt, rank)
     model.to(device)
     train_rows, test_rows = cfg["train_rows"], cfg["test_rows"]
     amp, amp_dtype, use_scaler = _autocast(device, cfg["precision"])
