@@ -70,8 +70,9 @@ class Asset:
 
 
 def devise_home() -> Path:
-    """The cache root: $DEVISE_HOME, else ~/.cache/devise (read at call time)."""
-    return Path(os.environ.get("DEVISE_HOME", "~/.cache/devise")).expanduser()
+    """The cache root: $DEVISE_HOME (when set and not empty), else ~/.cache/devise; read at call
+    time. Every cache of devise (assets, word vectors, features) lives below it."""
+    return Path(os.environ.get("DEVISE_HOME") or "~/.cache/devise").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------

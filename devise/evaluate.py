@@ -19,6 +19,7 @@ from devise.metrics import (
     hit_at_k,
     retrieval_metrics,
 )
+from devise.search import normalize_rows
 
 log = logging.getLogger(__name__)
 KS = (1, 2, 5, 10)
@@ -52,10 +53,6 @@ class EvalConfig:
 # Scores: image representations against class vectors
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def conse_embeddings(
     logits: np.ndarray, label_vectors: np.ndarray, known: np.ndarray, top: int = 10
 ) -> np.ndarray:
@@ -71,7 +68,7 @@ def conse_embeddings(
     weights = np.take_along_axis(probs, idx, axis=1)
     weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
     emb = np.einsum("nt,ntd->nd", weights, label_vectors[idx])
-    return _normalize(emb)
+    return normalize_rows(emb)
 
 
 def fit_softmax(
@@ -261,7 +258,7 @@ def evaluate(config: EvalConfig) -> dict:
         cats = imagenet_categories()
         known = np.array([vectors.has_vector(c) for c in cats])
         label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
-        label_vectors[known] = _normalize(
+        label_vectors[known] = normalize_rows(
             vectors.lookup_many([c for c, k in zip(cats, known) if k])
         )
 

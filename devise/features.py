@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from devise.assets import devise_home
 from devise.backbones import backbone_info, torch_hub_weights_path
 from devise.fsutil import normal_mode
 from devise.pipeline import PipelineConfig, run_images
@@ -44,9 +45,8 @@ class FeatureError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    """$DEVISE_HOME/features, with DEVISE_HOME defaulting to ~/.cache/devise (read at call time)."""
-    home = os.environ.get("DEVISE_HOME") or os.path.join("~", ".cache", "devise")
-    return Path(home).expanduser() / "features"
+    """$DEVISE_HOME/features (see assets.devise_home)."""
+    return devise_home() / "features"
 
 
 @dataclass

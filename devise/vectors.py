@@ -287,9 +287,10 @@ def _bisect_row(order: np.ndarray, key: str, word_at: Callable[[int], str]) -> i
 
 
 def default_cache_dir() -> Path:
-    """$DEVISE_HOME/vectors, with DEVISE_HOME defaulting to ~/.cache/devise (read at call time)."""
-    home = os.environ.get("DEVISE_HOME") or os.path.join("~", ".cache", "devise")
-    return Path(home).expanduser() / "vectors"
+    """$DEVISE_HOME/vectors (see assets.devise_home)."""
+    from devise.assets import devise_home
+
+    return devise_home() / "vectors"
 
 
 def _strip_suffixes(path: Path) -> tuple[str, str]:
