@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from devise.fsutil import normal_mode
+from devise.fsutil import atomic_path
 from devise.images import is_image_path
 
 SPLITS = ("train", "test", "unseen")
@@ -163,12 +162,8 @@ def build_catalog(
 def write_catalog(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     """Write the catalog parquet atomically (temp file, then rename)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    df.to_parquet(tmp, index=False)
-    normal_mode(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        df.to_parquet(tmp, index=False)
     return out
 
 

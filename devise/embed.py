@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.fsutil import atomic_path
 from devise.store import (  # noqa: F401 -- re-exported: the public API of devise.embed
     CURRENT_FILE,
     DEFAULT_CHUNK_ROWS,
@@ -540,12 +541,11 @@ def _commit(
 
 def _link_errors(emb_dir: Path, src: Path) -> None:
     """EMB_DIR/errors.parquet: the current version's errors, replaced atomically."""
-    tmp = emb_dir / f".{ERRORS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, emb_dir / ERRORS_FILE)
+    with atomic_path(emb_dir / ERRORS_FILE) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
 
 
 def _gc_versions(emb_dir: Path, current: str, keep: int) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,3 +28,19 @@ def normal_mode(path: str | os.PathLike) -> Path:
     else:
         os.chmod(path, 0o666 & ~mask)
     return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to `path` to write into. When the block ends without error the file
+    gets normal permissions and replaces `path` in one rename, so readers see the old file or the
+    new one, never half of one; on error it is removed. Temporary names are `.NAME.HEX.tmp`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        normal_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

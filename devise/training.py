@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from devise.backbones import backbone_info
-from devise.fsutil import normal_mode
+from devise.fsutil import atomic_path, normal_mode
 from devise.model import DeviseHead, HeadSpec, save_model
 from devise.train_loops import cached_train_loop, load_state, online_train_loop
 
@@ -243,12 +243,9 @@ def _claim_run_dir(config: TrainConfig, resolved: dict) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True, default=str)
         f.write("\n")
-    normal_mode(tmp)
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -401,12 +398,9 @@ def plot_losses(metrics: list[dict], out: str | os.PathLike) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    normal_mode(tmp)
-    os.replace(tmp, out)
     return out
 
 
