@@ -1,5 +1,5 @@
-"""Search an embeddings folder: words, phrases or an image -> exact cosine top-k images, a
-montage of the results, and the words nearest to an image."""
+"""Exact cosine search over an embeddings version (EmbeddingIndex, top_k), the montage of results,
+and the `devise search` command (on top of devise.api.Index)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,6 @@ from devise.store import EmbedError, embedding_matrix, read_version
 
 # Scores of one block of queries against all rows stay under this many bytes.
 _BLOCK_BYTES = 256 << 20
-
-
-# "What does the model think this image shows" looks among this many most frequent words.
-COMMON_WORDS = 50_000
 
 
 class SearchError(ValueError):
@@ -256,48 +252,6 @@ def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = N
     return path
 
 
-def embed_images(paths: Sequence[str], model_dir: str | os.PathLike) -> np.ndarray:
-    """Image files -> (N, D) unit embeddings, in this process, with the embedding job's code.
-
-    ImageDecodeError (one sentence naming the file) when one cannot be read.
-    """
-    from devise.images import ImageDecodeError
-    from devise.model import load_spec
-    from devise.pipeline import ModelActor, decode_batch
-
-    spec = load_spec(model_dir)
-    batch = decode_batch(
-        {"path": np.asarray([str(p) for p in paths], dtype=object)}, spec.backbone, spec.image_size
-    )
-    for path, err in zip(paths, batch["error"]):
-        if err:
-            raise ImageDecodeError(f"Cannot use image {path}: {err}.")
-    actor = ModelActor(spec.backbone, spec.backbone_weights, str(model_dir))
-    return actor(batch)["embedding"]
-
-
-def search_image(
-    index: EmbeddingIndex,
-    image: str | os.PathLike,
-    k: int = 10,
-    model_dir: str | os.PathLike | None = None,
-    word_vectors=None,
-    words: int = 10,
-    top_words: int | None = COMMON_WORDS,
-) -> tuple[list[SearchResult], list[tuple[str, float]]]:
-    """An image -> (its k nearest images, its `words` nearest words among the top_words most
-    frequent words of the table)."""
-    model = resolve_model(index, model_dir)
-    vec = embed_images([str(image)], model)[0]
-    scores, idx = index.search(vec[None], k)
-    near_words = (
-        word_vectors.nearest(vec, words, top_words=top_words)
-        if word_vectors is not None and words
-        else []
-    )
-    return index.results([str(image)], scores, idx)[0], near_words
-
-
 # ---------------------------------------------------------------------------------------------
 # montage
 
@@ -371,40 +325,64 @@ def add_cli(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
     p.add_argument("--image", help="search with an image instead of words")
-    p.add_argument("--words", type=int, default=10, help="with --image: nearest words to show")
+    p.add_argument(
+        "--include-self",
+        action="store_true",
+        help="with --image: keep the query image in the results when it is indexed itself",
+    )
+    p.add_argument(
+        "--words",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --image: also show the N class names nearest to the image (default 0)",
+    )
     p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
     p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
     p.add_argument("--version", help="search this version instead of the current one")
     p.set_defaults(func=_cli)
 
 
+def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
+    return [SearchResult(query, r["rank"], r["path"], r["label"], r["score"]) for r in records]
+
+
 def _cli(args: argparse.Namespace) -> int:
+    from devise.api import Index
+
     if bool(args.queries) == bool(args.image):
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:
         raise SearchError("-k must be at least 1.")
-    index = EmbeddingIndex.open(args.embeddings, args.version)
+    index = Index.open(args.embeddings, args.version, vectors=args.vectors, model=args.model)
     if args.image:
-        wv = index.word_vectors(args.vectors) if args.words > 0 else None
-        hits, words = search_image(index, args.image, args.k, args.model, wv, args.words)
-        rows = [hits]
+        hits = index.search_image(args.image, args.k, include_self=args.include_self)
+        labels = []
+        if args.words > 0:
+            labels = index.nearest_labels(index.encode_images([args.image])[0], args.words)
+        rows = [_results(str(args.image), hits)]
         if args.json:
             payload = {
                 "query": str(args.image),
-                "images": [h.to_dict() for h in hits],
-                "words": [{"word": w, "score": round(s, 6)} for w, s in words],
+                "images": hits,
+                "labels": [{"label": w, "score": round(s, 6)} for w, s in labels],
             }
             print(json.dumps(payload, indent=2))
         else:
-            if words:
-                print("Nearest words: " + ", ".join(f"{w} ({s:.3f})" for w, s in words))
+            if labels:
+                print("Nearest labels: " + ", ".join(f"{w} ({s:.3f})" for w, s in labels))
             print(f"Nearest images to {args.image} ({index.version}, {len(index)} images):")
-            _print_table(hits)
+            _print_table(rows[0])
     else:
-        wv = index.word_vectors(args.vectors)
-        rows = search_text(index, args.queries, wv, args.k)
+        found = index.search(list(args.queries), args.k)
+        rows = [_results(q, hits) for q, hits in zip(args.queries, found)]
         if args.json:
-            print(json.dumps([h.to_dict() for hits in rows for h in hits], indent=2))
+            print(
+                json.dumps(
+                    [{"query": q, **h} for q, hits in zip(args.queries, found) for h in hits],
+                    indent=2,
+                )
+            )
         else:
             for i, hits in enumerate(rows):
                 if i:

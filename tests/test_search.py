@@ -209,14 +209,24 @@ def test_image_query_finds_itself_and_nearest_words(tmp_path, image_tree, vec_fi
     )
     query = image_tree / "dog" / "img_3.png"
     rc = cli.main(
+        ["search", "--image", str(query), "--embeddings", str(out), "-k", "3", "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    # The query image itself is left out by default, and no labels are printed unless asked.
+    assert len(data["images"]) == 3 and str(query) not in [h["path"] for h in data["images"]]
+    assert data["labels"] == []
+    rc = cli.main(
         ["search", "--image", str(query), "--embeddings", str(out), "-k", "3", "--words", "4",
-         "--json"]
+         "--include-self", "--json"]
     )  # fmt: skip
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["images"][0]["path"] == str(query)
     assert data["images"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert len(data["words"]) == 4 and all(w["word"] in WORDS for w in data["words"])
+    # Nearest labels come from the version's class names, not the whole word table.
+    labels = [w["label"] for w in data["labels"]]
+    assert len(labels) == 4 and set(labels) <= {"cat", "dog", "car", "ship", "ankle boot"}
     # Another model than the one that embedded the folder is refused.
     torch.manual_seed(1)
     save_model(tmp_path / "model2", DeviseHead(spec).eval())
