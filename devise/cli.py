@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "devise.training",
     "devise.embed",
     "devise.search",
+    "devise.serve",
     "devise.evaluate",
     "devise.demo",
 )
@@ -30,6 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         "devise.vectors": ["UnknownWordError", "VectorFileError"],
         "devise.embed": ["EmbedError"],
         "devise.search": ["SearchError"],
+        "devise.serve": ["ServeError"],
         "devise.training": ["TrainError"],
         "devise.evaluate": ["EvalError"],
         "devise.features": ["FeatureError"],
