@@ -143,3 +143,70 @@ def test_cluster_readme_commands_name_real_jobs():
     for needle in ("ray start --head", "ray job submit", "ray up", "kubectl apply", "crontab"):
         assert needle in text, needle
     assert "ray job logs" in text and "--follow" in text
+
+
+def _unknown_fields(value, schema: dict, where: str = "") -> list[str]:
+    """Fields Kubernetes would silently prune: keys not in a structural schema's properties."""
+    found = []
+    if isinstance(value, dict) and "properties" in schema:
+        open_ended = schema.get("additionalProperties") or schema.get(
+            "x-kubernetes-preserve-unknown-fields"
+        )
+        for key, sub in value.items():
+            if key in schema["properties"]:
+                found += _unknown_fields(sub, schema["properties"][key], f"{where}.{key}")
+            elif not open_ended:
+                found.append(f"{where}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, sub in enumerate(value):
+            found += _unknown_fields(sub, schema["items"], f"{where}[{i}]")
+    return found
+
+
+def _check_serve_app(app: dict, where: str) -> None:
+    """A Serve application entry names devise's builder with arguments the service takes."""
+    from dataclasses import fields
+
+    from ray.serve._private.utils import import_attr
+
+    from devise.serve import ServiceConfig
+
+    assert app["import_path"] == "devise.serve:app_builder", where
+    assert callable(import_attr(app["import_path"])), where
+    allowed = {f.name for f in fields(ServiceConfig)} | {"replicas", "cpus_per_replica"}
+    assert set(app["args"]) <= allowed, f"{where}: unknown args {set(app['args']) - allowed}"
+    assert app["args"]["embeddings"].startswith("/data"), where
+
+
+def test_serve_deploy_config_matches_serves_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # raises on unknown or malformed fields
+    assert config["http_options"]["host"] == "127.0.0.1"
+    for app in config["applications"]:
+        _check_serve_app(app, "serve-config.yaml")
+
+
+def test_rayservice_matches_kuberays_crd():
+    import gzip
+
+    import jsonschema
+    from ray.serve.schema import ServeDeploySchema
+
+    with gzip.open(Path(__file__).parent / "data" / "kuberay_rayservice_v1.schema.json.gz") as f:
+        schema = json.load(f)["openAPIV3Schema"]
+    doc = _docs(CLUSTER / "kuberay" / "rayservice.yaml")[0]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    jsonschema.validate(doc, schema)
+    assert _unknown_fields(doc, schema) == []
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    for app in serve_config["applications"]:
+        _check_serve_app(app, "rayservice.yaml")
+    cluster = doc["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "data", "mountPath": "/data"} in head["volumeMounts"]
+    import ray
+
+    assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
