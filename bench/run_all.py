@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import embed_search
+import serve_bench
 import train_epoch
 import vectors_load
 
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-cpus", type=float, default=0.5)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--search-rows", default="100000,1000000")
-    p.add_argument("--skip", default="", help="comma list of: vectors,embedding,training,search")
+    p.add_argument(
+        "--skip", default="", help="comma list of: vectors,embedding,training,search,serve"
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
     args = p.parse_args(argv)
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if "search" not in skip:
         print("== search", flush=True)
         results["search"] = [embed_search.run_search(int(n)) for n in args.search_rows.split(",")]
+    if "serve" not in skip:
+        results["serve"] = serve_bench.run([int(n) for n in args.search_rows.split(",")])
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)  # the generated .vec alone is ~5 GB

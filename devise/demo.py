@@ -129,6 +129,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         print(f"      {'PASS' if ok else 'FALL SHORT'}: {name}")
     print(f"\nEverything is under {out}: report/report.md, report/confusion.png, run/loss.png, "
           f"montages/*.png, summary.json ({summary['seconds']:.0f} s in all).")  # fmt: skip
+    print(f"Browse it: devise serve --embeddings {out / 'embeddings'}")
     return summary
 
 

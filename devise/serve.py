@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from devise.api import MAX_K, Index
+if TYPE_CHECKING:
+    from devise.api import Index
+
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class IndexFollower:
     version from start to end; loading happens on a background thread, never in a request."""
 
     def __init__(self, config: ServiceConfig) -> None:
+        from devise.api import Index
+
         self.config = config
         self._index = Index.open(config.embeddings, vectors=config.vectors, model=config.model)
         self._stop = threading.Event()
@@ -65,7 +69,7 @@ class IndexFollower:
         self._thread.start()
 
     @property
-    def index(self) -> Index:
+    def index(self) -> "Index":
         return self._index
 
     def refresh(self) -> bool:
@@ -132,7 +136,7 @@ def create_api():
     return api
 
 
-def _answer(index: Index, results: list[dict]) -> dict:
+def _answer(index: "Index", results: list[dict]) -> dict:
     return {"version": index.version, "model_id": index.model_id, "results": results}
 
 
@@ -158,6 +162,7 @@ def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float 
     from fastapi.responses import PlainTextResponse, Response
     from ray import serve
 
+    from devise.api import MAX_K
     from devise.images import ImageDecodeError
     from devise.search import SearchError
     from devise.vectors import UnknownWordError
@@ -333,6 +338,8 @@ def _cli(args: argparse.Namespace) -> int:
         vectors=args.vectors,
         model=args.model,
     )
+    from devise.api import Index
+
     index = Index.open(config.embeddings, vectors=config.vectors, model=config.model)
     print(f"Serving {index.emb_dir} version {index.version} ({len(index)} images)...", flush=True)
     from devise.runtime import init_ray

@@ -23,4 +23,5 @@ else
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet -e ".[dev]"
 fi
+bash "$(dirname "$0")/install_browser.sh"  # headless Chromium for the page test; skipped when present
 "$VENV/bin/python" -c "import devise, torch, ray; print('devise', devise.__version__, '| torch', torch.__version__, '| ray', ray.__version__)"
