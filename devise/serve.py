@@ -304,7 +304,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
     p.add_argument("--replicas", type=int, default=1, help="search replicas (default %(default)s)")
     p.add_argument(
-        "--cpus-per-replica", type=float, default=0.5, help="CPUs each replica asks Ray for"
+        "--cpus-per-replica",
+        type=float,
+        default=0.5,
+        help="CPUs each replica asks Ray for (default %(default)s)",
     )
     p.add_argument(
         "--poll-seconds",
@@ -338,6 +341,15 @@ def _cli(args: argparse.Namespace) -> int:
         vectors=args.vectors,
         model=args.model,
     )
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import ray.serve  # noqa: F401
+    except ImportError as e:
+        raise ServeError(
+            f"devise serve needs the `serve` extra ({e.name} is missing): "
+            "pip install 'devise[serve]'."
+        ) from None
     from devise.api import Index
 
     index = Index.open(config.embeddings, vectors=config.vectors, model=config.model)
