@@ -16,6 +16,29 @@ from index_data import make_searchable
 from PIL import Image
 
 pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Ray for this module. On a busy machine Ray's per-node agent can start more slowly than the
+    raylet waits for it, and ray.init then fails at start-up: try again (at most 3 times)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # only the start-up timeout is retried, below
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
 POLL_S = 0.3
 SWITCH_S = 10.0  # every replica has loaded a new version by then, even on a busy machine
 
@@ -27,7 +50,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory):
+def service(ray_local, tmp_path_factory):
     from ray import serve
 
     from devise.serve import ServiceConfig, start
