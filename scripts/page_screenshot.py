@@ -1,0 +1,70 @@
+"""Screenshot the search page on an embeddings folder (docs/serve-page.png in the README).
+
+    python scripts/page_screenshot.py [--embeddings runs/demo/embeddings] [--query sandal]
+
+Starts the service on a free loopback port, searches in headless Chromium, saves the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--embeddings", default=str(ROOT / "runs" / "demo" / "embeddings"))
+    p.add_argument("--query", default="sandal")
+    p.add_argument("-k", type=int, default=12)
+    p.add_argument("--out", default=str(ROOT / "docs" / "serve-page.png"))
+    args = p.parse_args(argv)
+    exe = next(
+        (shutil.which(b) for b in ("chromium-headless-shell", "chromium") if shutil.which(b)), None
+    )
+    if exe is None:
+        sys.exit("No chromium found; run scripts/install_browser.sh as root.")
+    if not Path(args.embeddings).is_dir():
+        sys.exit(f"{args.embeddings} does not exist; run `make demo` first or pass --embeddings.")
+    import ray
+    from playwright.sync_api import sync_playwright
+    from ray import serve
+
+    from devise.serve import ServiceConfig, start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(ServiceConfig(embeddings=str(Path(args.embeddings).resolve())), port=port)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(f"{url}/")
+            page.fill("#q", args.query)
+            page.fill("#k", str(args.k))
+            page.press("#q", "Enter")
+            page.wait_for_function(
+                "document.querySelectorAll('#grid img').length > 0 && [...document.querySelectorAll"
+                "('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            page.wait_for_function(
+                "!document.getElementById('info').textContent.includes('loading')"
+            )
+            page.screenshot(path=args.out)
+            browser.close()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    print(f"Wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
