@@ -154,29 +154,20 @@ def _thumbnail(path: str, size: int, mtime_ns: int) -> bytes:
     return thumbnail(path, size)
 
 
-def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float = 0.5):
-    """The Ray Serve application: `replicas` copies of the ingress deployment, each holding the
-    version CURRENT names in memory and following it."""
+def _service_class(api):
+    """The class whose methods answer /api/* on `api`: one instance per replica, holding the
+    replica's IndexFollower."""
     import anyio
     from fastapi import File, Form, Query, UploadFile
     from fastapi.responses import PlainTextResponse, Response
-    from ray import serve
 
     from devise.api import MAX_K
     from devise.images import ImageDecodeError
     from devise.search import SearchError
     from devise.vectors import UnknownWordError
 
-    api = create_api()
     KQuery = Annotated[int, Query(description=f"results per query, 1..{MAX_K}")]
 
-    @serve.deployment(
-        name="devise",
-        num_replicas=replicas,
-        ray_actor_options={"num_cpus": cpus_per_replica},
-        health_check_period_s=10,
-    )
-    @serve.ingress(api)
     class SearchService:
         def __init__(self, config: dict) -> None:
             self.follower = IndexFollower(ServiceConfig(**config))
@@ -253,7 +244,41 @@ def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float 
                 body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
             )
 
-    return SearchService.bind(asdict(config))
+    return SearchService
+
+
+def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float = 0.5):
+    """The Ray Serve application: `replicas` copies of the ingress deployment, each holding the
+    version CURRENT names in memory and following it."""
+    from ray import serve
+
+    api = create_api()
+    deployment = serve.deployment(
+        name="devise",
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        health_check_period_s=10,
+    )(serve.ingress(api)(_service_class(api)))
+    return deployment.bind(asdict(config))
+
+
+def local_app(config: ServiceConfig):
+    """The same FastAPI app in this process, without Ray (one replica; for development tools
+    such as the page screenshot, e.g. under `uvicorn`)."""
+    api = create_api()
+    cls = _service_class(api)
+    service = cls(asdict(config))
+    for route in list(api.routes):
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is not None and endpoint.__qualname__.startswith(cls.__qualname__ + "."):
+            api.router.routes.remove(route)
+            api.add_api_route(
+                route.path,
+                getattr(service, endpoint.__name__),
+                methods=list(route.methods),
+                response_class=route.response_class,
+            )
+    return api
 
 
 def app_builder(args: dict):

@@ -2,7 +2,8 @@
 
     python scripts/page_screenshot.py [--embeddings runs/demo/embeddings] [--query sandal]
 
-Starts the service on a free loopback port, searches in headless Chromium, saves the PNG.
+Runs the service's FastAPI app in this process (devise.serve.local_app under uvicorn, no Ray) on a
+free loopback port, searches in headless Chromium, saves the PNG.
 """
 
 from __future__ import annotations
@@ -31,18 +32,25 @@ def main(argv=None) -> int:
         sys.exit("No chromium found; run scripts/install_browser.sh as root.")
     if not Path(args.embeddings).is_dir():
         sys.exit(f"{args.embeddings} does not exist; run `make demo` first or pass --embeddings.")
-    import ray
-    from playwright.sync_api import sync_playwright
-    from ray import serve
+    import threading
+    import time
 
-    from devise.serve import ServiceConfig, start
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from devise.serve import ServiceConfig, local_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    app = local_app(ServiceConfig(embeddings=str(Path(args.embeddings).resolve())))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = start(ServiceConfig(embeddings=str(Path(args.embeddings).resolve())), port=port)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 760})
@@ -59,9 +67,9 @@ def main(argv=None) -> int:
             )
             page.screenshot(path=args.out)
             browser.close()
-        serve.shutdown()
     finally:
-        ray.shutdown()
+        server.should_exit = True
+        thread.join(timeout=10)
     print(f"Wrote {args.out}")
     return 0
 
