@@ -45,6 +45,7 @@ def make_folder(root: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, l
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(WORDS)]
     table = rng.normal(size=(WORDS, dim)).astype(np.float32)
+    root.mkdir(parents=True, exist_ok=True)
     vec = root / "words.vec"
     with open(vec, "w") as f:
         f.write(f"{WORDS} {dim}\n")
@@ -169,6 +170,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _uvicorn(config):
+    import uvicorn
+
+    from devise.serve import local_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(local_app(config), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
 def run(
     rows_list: list[int] = (100_000, 1_000_000),
     dim: int = 384,
@@ -178,8 +200,11 @@ def run(
     replicas: int = 1,
     cpus_per_replica: float = 1.0,
     work: Path | None = None,
+    without_ray: bool = False,
 ) -> list[dict]:
-    """One result dict per row count (see the module docstring)."""
+    """One result dict per row count (see the module docstring). without_ray: the same FastAPI
+    app under uvicorn in this process (devise.serve.local_app), to tell the Serve proxy's cost
+    from the app's, or where Ray cannot start."""
     import ray
     from ray import serve
 
@@ -188,7 +213,7 @@ def run(
     work = Path(work or tempfile.mkdtemp(prefix="devise-serve-bench-"))
     os.environ.setdefault("DEVISE_HOME", str(work / "home"))
     out = []
-    started_ray = not ray.is_initialized()
+    started_ray = not without_ray and not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:
@@ -201,18 +226,20 @@ def run(
             res["in_process"] = in_process(emb, queries, k)
             res["cold_cli"] = cold_cli(emb, queries[0], k)
             t = time.perf_counter()
-            url = start(
-                ServiceConfig(embeddings=str(emb), poll_s=60.0),
-                "127.0.0.1",
-                _free_port(),
-                replicas,
-                cpus_per_replica,
+            config = ServiceConfig(embeddings=str(emb), poll_s=60.0)
+            if without_ray:
+                url, stop = _uvicorn(config)
+            else:
+                url = start(config, "127.0.0.1", _free_port(), replicas, cpus_per_replica)
+                stop = serve.shutdown
+            res["server"] = (
+                "uvicorn, no Ray" if without_ray else f"Ray Serve, {replicas} replica(s)"
             )
             res["service_start_s"] = time.perf_counter() - t
             load(url, queries, k, 1, 20)  # warm: word table loaded, connections made
             res["service"] = load(url, queries, k, clients, requests_total)
             res["service_sequential"] = load(url, queries, k, 1, min(100, requests_total))
-            serve.shutdown()
+            stop()
             res["p50_ratio"] = res["service"]["p50_ms"] / res["in_process"]["p50_ms"]
             print(json.dumps(res), flush=True)
             out.append(res)
@@ -224,13 +251,13 @@ def run(
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| rows | in-process p50 | service 1 client p50 | 8 clients req/s | p50 | p99 | errors | cold CLI |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rows | server | in-process p50 | service 1 client p50 | 8 clients req/s | p50 | p99 | errors | cold CLI |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         s, q = r["service"], r["service_sequential"]
         lines.append(
-            f"| {r['rows']:,} | {r['in_process']['p50_ms']:.1f} ms | {q['p50_ms']:.1f} ms | "
+            f"| {r['rows']:,} | {r['server']} | {r['in_process']['p50_ms']:.1f} ms | {q['p50_ms']:.1f} ms | "
             f"{s['rps']:.0f} | {s['p50_ms']:.1f} ms | {s['p99_ms']:.1f} ms | {s['errors']} | "
             f"{r['cold_cli']['median_s']:.2f} s |"
         )
@@ -245,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=400, help="requests per load run (bounded)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--without-ray", action="store_true", help="the app under uvicorn, no Serve")
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
     results = run(
@@ -254,6 +282,7 @@ def main(argv=None) -> int:
         args.requests,
         replicas=args.replicas,
         cpus_per_replica=args.cpus_per_replica,
+        without_ray=args.without_ray,
     )
     print(table(results))
     if args.out:
