@@ -123,3 +123,42 @@ def test_import_and_open_load_neither_ray_nor_torch(data):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert json.loads(out.stdout) == []
+
+
+def test_the_service_routes_answer_without_ray(data):
+    """The service's FastAPI app run in-process (serve.local_app under uvicorn): the same routes
+    the Serve deployment uses, checked where Ray is not needed."""
+    import socket
+    import threading
+    import time
+
+    import requests
+    import uvicorn
+
+    from devise.serve import ServiceConfig, local_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = local_app(ServiceConfig(embeddings=str(data["emb"]), poll_s=60))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        body = requests.get(f"{url}/api/search", params={"q": "ship", "k": 2}, timeout=60).json()
+        assert [h["label"] for h in body["results"]] == ["ship", "ship"]
+        first = body["results"][0]["id"]
+        similar = requests.get(f"{url}/api/similar/{first}", params={"k": 2}, timeout=60).json()
+        assert first not in [h["id"] for h in similar["results"]]
+        thumb = requests.get(f"{url}/api/image/{first}", params={"size": 32}, timeout=60)
+        assert thumb.headers["content-type"] == "image/jpeg"
+        bad = requests.get(f"{url}/api/search", params={"q": "cat", "k": 0}, timeout=60)
+        assert bad.status_code == 400 and list(bad.json()) == ["error"]
+        assert requests.get(f"{url}/api/image/nope", timeout=60).status_code == 404
+        assert 'id="q"' in requests.get(f"{url}/", timeout=60).text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
