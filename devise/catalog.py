@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from devise.errors import DeviseError
 from devise.fsutil import atomic_path
 from devise.images import is_image_path
 
@@ -16,7 +17,7 @@ SPLITS = ("train", "test", "unseen")
 COLUMNS = ["path", "label", "class_name", "split", "size_bytes", "mtime_ns", "source"]
 
 
-class CatalogError(ValueError):
+class CatalogError(DeviseError, ValueError):
     """A data folder or option that cannot make a catalog; str() says what to do."""
 
 
@@ -192,20 +193,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("catalog", help="scan an image folder into a catalog parquet")
-    p.add_argument("root", help="data folder: one sub-folder per class, or Tiny ImageNet")
-    p.add_argument("--out", required=True, help="catalog parquet to write")
-    p.add_argument("--layout", default="auto", choices=["auto", "tiny-imagenet", "folder"])
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--holdout", default=None, help="comma-separated classes held out (unseen)")
-    g.add_argument("--holdout-count", type=int, default=None, help="hold out N random classes")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
+def run_cli(args) -> int:
+    """`devise catalog` (flags: devise/commands/catalog.py)."""
     holdout = [h for h in args.holdout.split(",") if h.strip()] if args.holdout else None
     df = build_catalog(
         args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed

@@ -773,70 +773,18 @@ def _parse_splits(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def add_cli(subparsers) -> None:
-    from devise.runtime import add_ray_args
-
-    p = subparsers.add_parser(
-        "embed",
-        help="embed images with a trained model into versioned parquet",
-        description="Embed images into EMB_DIR/versions/<version>/part-*.parquet; "
-        "bad files go to EMB_DIR/errors.parquet. Resumable: a rerun skips finished chunks.",
-    )
-    p.add_argument("--model", required=True, help="the RUN_DIR/model folder of `devise train`")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--catalog", help="catalog parquet from `devise catalog`")
-    src.add_argument("--images", help="a folder of images (searched recursively; no labels)")
-    p.add_argument(
-        "--splits", default=None, help="with --catalog: comma-separated splits, or all (default)"
-    )
-    p.add_argument("--out", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument(
-        "--incremental",
-        action="store_true",
-        help="embed only new or changed files (size, mtime) since the last version of this model",
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=DEFAULT_CHUNK_ROWS,
-        help="rows per committed chunk: what a killed run loses at most",
-    )
-    p.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")
-    p.add_argument("--torch-threads", type=int, default=None, help="CPU threads per model worker")
-    p.add_argument(
-        "--local", action="store_true", help="run in this process without Ray (small folders)"
-    )
-    p.add_argument(
-        "--wait-lock",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait this long for another run writing EMB_DIR (default: exit at once)",
-    )
-    p.add_argument(
-        "--keep-versions",
-        type=int,
-        default=DEFAULT_KEEP_VERSIONS,
-        help="committed versions to keep (0: all)",
-    )
-    add_ray_args(p, workers_help="model actors")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from devise.runtime import default_cpus_per_worker, init_ray
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise embed` (flags: devise/commands/embed.py)."""
+    from devise.runtime import init_ray, resolve_resources, resources_from_args
 
     if args.splits is not None and args.catalog is None:
         raise EmbedError("--splits applies to --catalog only.")
     for flag in ("batch_size", "chunk_rows", "num_workers"):
         if getattr(args, flag) < 1:
             raise EmbedError(f"--{flag.replace('_', '-')} must be at least 1.")
-    cpus = args.cpus_per_worker if args.cpus_per_worker is not None else 1.0
     if not args.local:
         init_ray(args.address)
-        cpus = default_cpus_per_worker(args.cpus_per_worker, args.num_workers)
-    decode = args.decode_cpus if args.decode_cpus is not None else min(1.0, cpus)
+    res = resolve_resources(resources_from_args(args))
     config = EmbedConfig(
         model_dir=args.model,
         out=args.out,
@@ -844,13 +792,8 @@ def _cli(args: argparse.Namespace) -> int:
         splits=_parse_splits(args.splits),
         images=args.images,
         incremental=args.incremental,
-        batch_size=args.batch_size,
         chunk_rows=args.chunk_rows,
-        num_workers=args.num_workers,
-        cpus_per_worker=cpus,
-        decode_cpus=decode,
-        use_gpu=args.use_gpu,
-        gpus_per_worker=args.gpus_per_worker,
+        **res.as_kwargs(),
         torch_threads=args.torch_threads,
         local=args.local,
         wait_lock_s=args.wait_lock,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from devise.assets import devise_home
 from devise.backbones import backbone_info, torch_hub_weights_path
+from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 from devise.pipeline import PipelineConfig, run_images
 
@@ -40,7 +41,7 @@ META_FILE = "meta.json"
 ROW_COLUMNS = ["path", "label", "class_name", "split", "view"]
 
 
-class FeatureError(ValueError):
+class FeatureError(DeviseError, ValueError):
     """A feature cache or request that cannot be used; str() says what to do."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.errors import DeviseError
 from devise.store import EmbedError, embedding_matrix, read_version
 
 # Scores of one block of queries against all rows stay under this many bytes.
@@ -23,7 +24,7 @@ _BLOCK_BYTES = 256 << 20
 COMMON_WORDS = 50_000
 
 
-class SearchError(ValueError):
+class SearchError(DeviseError, ValueError):
     """A search that cannot run (folder, vectors or model mismatch); str() says what to do."""
 
 
@@ -359,26 +360,8 @@ def _print_table(hits: Sequence[SearchResult], file=None) -> None:
         print(f"{h.rank:>4}  {h.score:>7.4f}  {h.label or '-'!s:<{width}}  {h.path}", file=file)
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "search",
-        help="search embedded images by words, phrases or an image",
-        description="Exact cosine top-k over the current version of an embeddings folder.",
-    )
-    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
-    p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
-    p.add_argument("--image", help="search with an image instead of words")
-    p.add_argument("--words", type=int, default=10, help="with --image: nearest words to show")
-    p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
-    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
-    p.add_argument("--version", help="search this version instead of the current one")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise search` (flags: devise/commands/search.py)."""
     if bool(args.queries) == bool(args.image):
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:

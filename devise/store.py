@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.errors import DeviseError
 from devise.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ KEY_COLUMNS = ["path", "size_bytes", "mtime_ns"]
 INPUT_COLUMNS = ["path", "label", "class_name", "size_bytes", "mtime_ns"]
 
 
-class EmbedError(ValueError):
+class EmbedError(DeviseError, ValueError):
     """An embedding run or folder that cannot be used; str() says what to do."""
 
 
