@@ -48,9 +48,8 @@ class Resources:
 
 def cluster_cpus() -> float:
     """CPUs of the Ray cluster this process is connected to, else of this machine."""
-    ray = sys.modules.get("ray")  # not imported: not connected (and not worth importing)
-    if ray is not None and ray.is_initialized():
-        return float(ray.cluster_resources().get("CPU", 1.0))
+    if _ray_initialized():
+        return float(sys.modules["ray"].cluster_resources().get("CPU", 1.0))
     return float(os.cpu_count() or 1)
 
 
@@ -181,6 +180,28 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         return e.strerror or type(e).__name__
 
 
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # not imported yet: certainly not initialised
+    return ray is not None and ray.is_initialized()
+
+
+def preflight(address: str | None) -> tuple[str | None, str]:
+    """(address, source) of the Ray cluster a stage would join, after checking that it answers
+    (RayUnavailableError names the address and where it came from). Cheap: it imports nothing,
+    so a command calls it before loading its stage. Skipped when Ray is already initialised."""
+    if _ray_initialized():
+        return None, "this process's Ray"
+    target, source = ray_address(address)
+    if target is not None:
+        why = probe(target)
+        if why is not None:
+            raise RayUnavailableError(
+                f"No Ray cluster answers at {target} (from {source}: {why}); start it, or "
+                f"run on a fresh local Ray with --address local."
+            )
+    return target, source
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -195,20 +216,13 @@ def init_ray(
     the address and its source, instead of letting ray.init() wait forever. Workers' output
     reaches this terminal when log_to_driver, without dependency noise unless -v/--verbose.
     """
+    if _ray_initialized():
+        return
+    target, source = preflight(address)
     import ray
 
-    if ray.is_initialized():
-        return
     from devise import console
 
-    target, source = ray_address(address)
-    if target is not None:
-        why = probe(target)
-        if why is not None:
-            raise RayUnavailableError(
-                f"No Ray cluster answers at {target} (from {source}: {why}); start it, or "
-                f"run on a fresh local Ray with --address local."
-            )
     kwargs: dict = {
         "log_to_driver": log_to_driver,
         "logging_level": logging.INFO if console.verbose() else logging.WARNING,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from devise.commands.train import DEFAULT_HEAD
-from devise.runtime import add_ray_args
+from devise.runtime import add_ray_args, preflight
 
 DEFAULT_HOLDOUT = ("sandal", "pullover")  # the demo module's; a test keeps them equal
 
@@ -37,6 +37,7 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    preflight(args.address)  # a dead cluster is named before the demo starts
     from devise.demo import run_demo
 
     return 0 if run_demo(args) else 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args
+from devise.runtime import add_ray_args, preflight
 
 DEFAULT_CHUNK_ROWS = 4096  # the store's; a test keeps them equal
 DEFAULT_KEEP_VERSIONS = 3
@@ -62,6 +62,8 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "local", False):
+        preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.embed import run_cli
 
     return run_cli(args)

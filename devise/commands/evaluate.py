@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args
+from devise.runtime import add_ray_args, preflight
 
 
 def add_cli(subparsers) -> None:
@@ -30,6 +30,7 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.evaluate import run_cli
 
     return run_cli(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args
+from devise.runtime import add_ray_args, preflight
 
 # Chosen by measurement (docs: DESIGN.md, "What accuracy to expect"): on Fashion-MNIST a linear
 # head matched the MLP on zero-shot and was within a point on seen classes, with fewer weights.
@@ -112,6 +112,7 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.training import run_cli
 
     return run_cli(args)
