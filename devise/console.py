@@ -35,7 +35,7 @@ def configure(verbosity: int = NORMAL) -> None:
     """Set what this process prints: QUIET, NORMAL or VERBOSE (see the module docstring)."""
     global _level
     _level = verbosity
-    logging.basicConfig(format="%(message)s", level=logging.WARNING, force=True)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("devise").setLevel(logging.INFO if verbosity >= NORMAL else logging.WARNING)
     if verbosity < VERBOSE:
         for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "urllib3"):
@@ -121,7 +121,7 @@ def progress(batches: Iterable, total: int, desc: str, unit: str = "img", stream
     if stream.isatty():
         from tqdm import tqdm
 
-        with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=stream) as bar:
+        with tqdm(total=total, desc=desc, unit=unit, file=stream) as bar:
             for batch in batches:
                 bar.update(_rows(batch))
                 yield batch

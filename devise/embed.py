@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.console import progress
 from devise.fsutil import atomic_path
 from devise.store import (  # noqa: F401 -- re-exported: the public API of devise.embed
     CURRENT_FILE,
@@ -655,7 +656,7 @@ def embed(
                 on_part,
             )
             feed = pd.DataFrame({"path": run_table["path"], "row": np.arange(len(run_table))})
-            for batch in run(feed, pconfig):
+            for batch in progress(run(feed, pconfig), len(feed), "embedding"):
                 writer.add(batch)
             writer.flush()
             if not writer.done.all():

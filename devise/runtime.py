@@ -236,11 +236,12 @@ def init_ray(
         kwargs["address"] = target
     try:
         ray.init(**kwargs)
-    except ConnectionError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # whatever Ray says, the user gets it in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = f"join Ray at {target} ({source})" if target else "start a local Ray"
         raise RayUnavailableError(
-            f"Cannot join Ray at {target or 'a local cluster'} ({source}): {first} Pass "
-            f"--address HOST:PORT to choose one, or --address local for a fresh local Ray."
+            f"Could not {where}: {first} Retry, pass --address HOST:PORT to choose a cluster, "
+            "or --address local for a fresh local Ray (-v shows Ray's logs)."
         ) from e
     console.filter_worker_echo()
     console.quiet_ray_data()

@@ -192,3 +192,113 @@ def test_a_dead_recorded_cluster_fails_in_one_line_within_15_s(tmp_path):
     out, seconds = _embed_cli(tmp_path, env)
     assert out.returncode == RayUnavailableError.EXIT_CODE and seconds < 15
     assert "from RAY_ADDRESS" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# --- Output ----------------------------------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_otherwise(monkeypatch):
+    from devise import console
+
+    console.configure(console.NORMAL)
+    batches = [{"path": list(range(10))} for _ in range(5)]
+    tty = _Stream(tty=True)
+    assert list(console.progress(iter(batches), 50, "embedding", stream=tty)) == batches
+    assert "50/50" in tty.text and "img/s" in tty.text
+    log = _Stream(tty=False)
+    list(console.progress(iter(batches), 50, "embedding", stream=log))
+    assert log.text == ""  # a fast stage prints no progress line at all
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+    list(console.progress(iter(batches), 50, "embedding", stream=log))
+    lines = log.text.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("embedding: 10/50 img (")
+    assert "\x1b" not in log.text and "ETA" in lines[0]
+    console.configure(console.QUIET)
+    quiet = _Stream(tty=True)
+    list(console.progress(iter(batches), 50, "embedding", stream=quiet))
+    assert quiet.text == ""
+    console.configure(console.NORMAL)
+
+
+def test_worker_noise_is_told_from_our_lines():
+    from devise.console import is_noise
+
+    assert not is_noise("epoch 3/15  train_loss 0.1234  test_loss 0.2  hit@1 0.870")
+    assert not is_noise("Resuming from the checkpoint of epoch 2.")
+    for line in (
+        "/x/site-packages/ray/data/_internal/x.py:12: DeprecationWarning: use y",
+        "  warnings.warn(",
+        "[2026-11-30 10:00:01,123 E 123 456] core_worker.cc:512: constructor arguments",
+        "2026-11-30 10:00:01,123\tINFO worker.py:1821 -- Started a local Ray instance.",
+        "tqdm is not installed. Progress bars will be disabled.",
+        "Total Progress: 0/?",
+    ):
+        assert is_noise(line), line
+
+
+@pytest.mark.timeout(300)
+def test_a_ray_stage_not_on_a_terminal_prints_no_ansi_codes_and_no_ray_info(tmp_path):
+    """`devise embed` on Ray with output to pipes: our lines only, no colour codes."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from conftest import write_vec
+    from PIL import Image
+
+    from devise.model import DeviseHead, HeadSpec, save_model
+    from devise.vectors import load_vectors
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DEVISE_HOME"] = str(tmp_path / "home")
+    os.environ["DEVISE_HOME"], old = env["DEVISE_HOME"], os.environ.get("DEVISE_HOME")
+    try:
+        vec = tmp_path / "tiny.vec"
+        write_vec(vec, ["cat", "dog", "car", "ship"], dim=8, seed=1)
+        wv = load_vectors(vec)
+    finally:
+        os.environ.pop("DEVISE_HOME") if old is None else os.environ.update(DEVISE_HOME=old)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in ("cat", "dog"):
+        for i in range(4):
+            path = tmp_path / "images" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+            rows.append({"path": str(path), "label": name, "class_name": name, "split": "test"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "catalog.parquet")
+    torch.manual_seed(0)
+    spec = HeadSpec(
+        in_dim=64, out_dim=8, backbone="tiny", image_size=32, vectors=str(vec),
+        vectors_id=wv.vectors_id, class_names=["cat", "dog"],
+    )  # fmt: skip
+    model = save_model(tmp_path / "model", DeviseHead(spec).eval())
+    cmd = [
+        sys.executable, "-m", "devise", "embed", "--model", str(model), "--catalog",
+        str(tmp_path / "catalog.parquet"), "--out", str(tmp_path / "emb"), "--batch-size", "4",
+        "--num-workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5",
+        "--address", "local",
+    ]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280, check=False
+    )
+    both = out.stdout + out.stderr
+    assert out.returncode == 0, both
+    assert "Committed " in out.stdout and "8 images embedded" in out.stdout
+    assert "\x1b[" not in both
+    assert not [line for line in both.splitlines() if " INFO " in line or "\tINFO " in line]
+    assert "Warning" not in both and "Total Progress" not in both, both
