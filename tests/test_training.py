@@ -84,7 +84,10 @@ def test_user_errors_are_one_sentence(tiny_inputs: dict, tmp_path: Path, capsys)
     code = _load_job().main(_argv(tiny_inputs, tmp_path / "run", "--loss", "hinge"))
     assert code == 2
     err = capsys.readouterr().err
-    assert err.strip() == "devise train: error: Unknown loss 'hinge'; choose 'rank' or 'cosine'."
+    assert (
+        err.strip()
+        == "python jobs/train.py: error: Unknown loss 'hinge'; choose 'rank' or 'cosine'."
+    )
 
 
 def test_select_rows_and_training_classes(tiny_inputs: dict) -> None:
