@@ -31,6 +31,12 @@ _NOISE = re.compile(
 )
 
 
+# Ray's own actors: what they print is Ray's bookkeeping (failures reach us as exceptions).
+_RAY_ACTORS = re.compile(
+    r"TrainController|PlacementGroupCleaner|SplitCoordinator|_StatsActor|AutoscalingRequester"
+)
+
+
 def configure(verbosity: int = NORMAL) -> None:
     """Set what this process prints: QUIET, NORMAL or VERBOSE (see the module docstring)."""
     global _level
@@ -78,6 +84,8 @@ def filter_worker_echo() -> None:
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
 
     def _print(data: dict) -> None:
+        if _RAY_ACTORS.search(str(data.get("actor_name") or data.get("task_name") or "")):
+            return
         lines = [line for line in data.get("lines", []) if not is_noise(line)]
         if lines:
             printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
