@@ -41,7 +41,11 @@ def configure(verbosity: int = NORMAL) -> None:
     """Set what this process prints: QUIET, NORMAL or VERBOSE (see the module docstring)."""
     global _level
     _level = verbosity
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.basicConfig(
+        format="%(message)s", level=logging.INFO if verbosity >= VERBOSE else logging.WARNING
+    )
+    if verbosity >= VERBOSE:
+        warnings.simplefilter("default")  # every warning once per place, dependencies' too
     logging.getLogger("devise").setLevel(logging.INFO if verbosity >= NORMAL else logging.WARNING)
     if verbosity < VERBOSE:
         for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock", "urllib3"):

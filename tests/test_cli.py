@@ -302,3 +302,23 @@ def test_a_ray_stage_not_on_a_terminal_prints_no_ansi_codes_and_no_ray_info(tmp_
     assert "\x1b[" not in both
     assert not [line for line in both.splitlines() if " INFO " in line or "\tINFO " in line]
     assert "Warning" not in both and "Total Progress" not in both, both
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [(-1, set()), (0, {"stage"}), (1, {"stage", "ray-info", "deprecated"})],
+)
+def test_verbosity_decides_whose_lines_are_shown(level, shown):
+    code = (
+        "import logging, warnings; from devise import console; "
+        f"console.configure({level}); "
+        "logging.getLogger('devise.embed').info('stage'); "
+        "logging.getLogger('ray.data').info('ray-info'); "
+        "warnings.warn('deprecated', DeprecationWarning, stacklevel=1)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    words = {"stage", "ray-info", "deprecated"}
+    assert {w for w in words if w in out.stderr} == shown
