@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -615,9 +614,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`devise train` (flags: devise/commands/train.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        result = train(config_from_args(args))
+    result = train(config_from_args(args))  # what it prints: devise.console
     print(f"Run directory: {result.run_dir}")
     return 0
