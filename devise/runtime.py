@@ -87,11 +87,6 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     )
 
 
-def default_cpus_per_worker(requested: float | None, num_workers: int) -> float:
-    """The CPUs a worker asks for: the flag when given, else resolve_resources' rule."""
-    return resolve_resources(Resources(num_workers, requested)).cpus_per_worker
-
-
 def add_ray_args(
     parser: argparse.ArgumentParser,
     workers_help: str = "Ray workers",
