@@ -225,6 +225,9 @@ def init_ray(
     }
     if target is None:
         kwargs["address"] = LOCAL
+        # A stage's own local Ray lives for one run: without the dashboard's dozen processes it
+        # starts faster (and at all on a busy small machine). For the dashboard, `ray start`.
+        kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     else:
