@@ -2,7 +2,7 @@
 # Install the newest wheel in dist/ into a fresh virtual environment outside the checkout (core
 # dependencies only, at the versions in constraints.txt) and use it from there: `devise --help`,
 # `python -m devise --help`, then scripts/wheel_smoke.py (package files present, catalog -> embed
-# --local -> search on generated images).
+# --local -> search on generated images), then adds the extras (devise[all]) and imports them.
 # PYTHON picks the interpreter (default python3.11); SMOKE=0 stops after the two --help runs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,5 +44,13 @@ if [ "$SMOKE" != 0 ]; then
     cp "$ROOT/scripts/wheel_smoke.py" "$WORK/"
     mkdir "$WORK/smoke" && cd "$WORK/smoke"
     "$VENV/bin/python" -I "$WORK/wheel_smoke.py" "$WORK/package-files.txt"
+fi
+if [ "$SMOKE" != 0 ] && [ -n "$UV" ]; then
+    # The extras resolve from the wheel's metadata and their modules import.
+    t=$SECONDS
+    "$UV" pip install --quiet --python "$VENV/bin/python" "${FIND_LINKS[@]}" \
+        -c "$ROOT/constraints.txt" "$WHEEL[all]"
+    "$VENV/bin/python" -I -c "import faiss, fastapi, uvicorn, multipart, ray.serve"
+    echo "check-wheel: devise[all] (serve, index) installs and imports ($((SECONDS - t)) s)"
 fi
 echo "check-wheel: OK in $((SECONDS - start)) s"
