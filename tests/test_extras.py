@@ -81,7 +81,6 @@ def test_core_imports_and_help_work_without_the_extras() -> None:
         sys.meta_path.insert(0, Block())
         import devise
         from devise import cli
-from devise.errors import DeviseError
         for m in pkgutil.iter_modules(devise.__path__):
             if m.name != "__main__":
                 importlib.import_module("devise." + m.name)
