@@ -75,6 +75,7 @@ def test_parser_defaults_agree_with_the_library():
     subs = _subparsers(cli.build_parser())
     assert embed_cmd.DEFAULT_CHUNK_ROWS == store.DEFAULT_CHUNK_ROWS
     assert embed_cmd.DEFAULT_KEEP_VERSIONS == store.DEFAULT_KEEP_VERSIONS
+    assert embed_cmd.DEFAULT_MAX_ERROR_FRACTION == store.DEFAULT_MAX_ERROR_FRACTION
     assert subs["demo"].get_default("holdout") == list(demo.DEFAULT_HOLDOUT)
     # One default head for train, the demo and the library.
     assert subs["train"].get_default("head") == subs["demo"].get_default("head")

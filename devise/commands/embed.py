@@ -8,6 +8,7 @@ from devise.runtime import add_ray_args, preflight
 
 DEFAULT_CHUNK_ROWS = 4096  # the store's; a test keeps them equal
 DEFAULT_KEEP_VERSIONS = 3
+DEFAULT_MAX_ERROR_FRACTION = 0.5
 
 
 def add_cli(subparsers) -> None:
@@ -29,6 +30,28 @@ def add_cli(subparsers) -> None:
         "--incremental",
         action="store_true",
         help="embed only new or changed files (size, mtime) since the last version of this model",
+    )
+    p.add_argument(
+        "--verify",
+        choices=["stat", "content"],
+        default="stat",
+        help="how --incremental detects a changed file: stat (default) compares size and "
+        "modification time; content also compares a hash of the bytes (reads every file)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="check every version's checksums, move damaged ones to EMB_DIR/damaged and embed "
+        "again only the rows they lost (implies --incremental)",
+    )
+    p.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=DEFAULT_MAX_ERROR_FRACTION,
+        metavar="F",
+        help="commit nothing when more than this share of the inputs fail (missing or "
+        "unreadable files; with --incremental also paths gone since the last version); "
+        "default %(default)s",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per model batch")
     p.add_argument(
