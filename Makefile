@@ -7,11 +7,11 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # e.g. `make demo DEMO_ARGS=--all` for all 70,000 Fashion-MNIST images
 DEMO_ARGS ?=
 
-.PHONY: setup demo test bench lint clean gpu-wheels
+.PHONY: setup demo test bench lint clean gpu-wheels wheel check-wheel lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 	touch $@
 
@@ -29,7 +29,22 @@ lint: setup
 	$(VENV)/bin/ruff format --check devise jobs tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist build
+
+# An sdist and a wheel built from it (so the sdist is proven complete) in dist/.
+wheel: setup
+	rm -rf dist build
+	source scripts/uv.sh && "$$UV" build --quiet --python $(PY) "$${FIND_LINKS[@]}" --out-dir dist
+	@ls dist
+
+# The wheel in a fresh virtual environment outside the checkout: --help, package files, and
+# catalog -> embed --local -> search on generated images (scripts/check_wheel.sh).
+check-wheel: wheel
+	bash scripts/check_wheel.sh
+
+# Regenerate constraints.txt (the exact tested versions) after changing pyproject.toml.
+lock:
+	bash scripts/lock.sh
 
 # Wheels of the pure-Python EfficientNet-Lite architecture, to carry to a GPU machine without an index.
 gpu-wheels: setup

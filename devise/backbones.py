@@ -13,11 +13,13 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
+from devise.errors import DeviseError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BackboneError(ValueError):
+class BackboneError(DeviseError, ValueError):
     """A backbone name or weights file that cannot be used; str() says what to do."""
 
 

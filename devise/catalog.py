@@ -8,15 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from devise.fsutil import atomic_path
+from devise.errors import DeviseError
+from devise.fsutil import atomic_path, name_problem, printable
 from devise.images import is_image_path
 
 SPLITS = ("train", "test", "unseen")
 COLUMNS = ["path", "label", "class_name", "split", "size_bytes", "mtime_ns", "source"]
 
 
-class CatalogError(ValueError):
+class CatalogError(DeviseError, ValueError):
     """A data folder or option that cannot make a catalog; str() says what to do."""
 
 
@@ -28,26 +31,46 @@ def detect_layout(root: str | os.PathLike) -> str:
     return "folder"
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p.name))
+def _walk_images(folder: Path, skipped: list | None = None) -> list[Path]:
+    """Image files below folder, sorted. A name that cannot be catalogued safely (not UTF-8, a
+    control character such as a newline) is left out and appended to skipped as (path, reason)."""
+    out = []
+    for p in folder.rglob("*"):
+        if not (p.is_file() and is_image_path(p.name)):
+            continue
+        problem = name_problem(p)
+        if problem is None:
+            out.append(p)
+        elif skipped is not None:
+            skipped.append((str(p), problem))
+    return sorted(out)
 
 
-def scan_folder(root: str | os.PathLike) -> pd.DataFrame:
+def scan_folder(root: str | os.PathLike, skipped: list | None = None) -> pd.DataFrame:
     """Folder layout: every sub-folder of root is a class named after it (underscores become
-    spaces); its images may sit at any depth below it."""
+    spaces); its images may sit at any depth below it. Files (or class folders) whose names
+    cannot be catalogued are appended to skipped as (path, reason)."""
     from devise.labels import class_name, folder_classes
 
     root = Path(root)
     rows = []
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        problem = name_problem(d)
+        if problem is None:
+            class_dirs.append(d)
+        elif skipped is not None:
+            skipped.append((str(d), f"class folder skipped: {problem}"))
     infos = folder_classes(d.name for d in class_dirs)
     for d, info in zip(class_dirs, infos):
-        for p in _walk_images(d):
+        for p in _walk_images(d, skipped):
             rows.append((str(p.resolve()), d.name, class_name(info), "folder"))
     return pd.DataFrame(rows, columns=["path", "label", "class_name", "source"])
 
 
-def scan_tiny_imagenet(root: str | os.PathLike) -> pd.DataFrame:
+def scan_tiny_imagenet(root: str | os.PathLike, skipped: list | None = None) -> pd.DataFrame:
     """Tiny ImageNet: train/<wnid>/images/*.JPEG and val/images + val/val_annotations.txt.
 
     The unlabelled test/ folder is not part of the catalog (use `devise embed --images`).
@@ -58,7 +81,7 @@ def scan_tiny_imagenet(root: str | os.PathLike) -> pd.DataFrame:
     names = {c.key: class_name(c) for c in read_tiny_imagenet_classes(root)}
     rows = []
     for wnid in sorted(names):
-        for p in _walk_images(root / "train" / wnid):
+        for p in _walk_images(root / "train" / wnid, skipped):
             rows.append((str(p.resolve()), wnid, names[wnid], "train"))
     ann = root / "val" / "val_annotations.txt"
     if ann.exists():
@@ -135,17 +158,19 @@ def build_catalog(
     holdout: Iterable[str] | None = None,
     holdout_count: int | None = None,
     seed: int = 0,
+    skipped: list | None = None,
 ) -> pd.DataFrame:
-    """Scan root and return the catalog table (columns: COLUMNS)."""
+    """Scan root and return the catalog table (columns: COLUMNS). Files left out for their
+    names are appended to skipped as (path, reason)."""
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"Data folder {root} does not exist or is not a folder.")
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "tiny-imagenet":
-        df = scan_tiny_imagenet(root)
+        df = scan_tiny_imagenet(root, skipped)
     elif layout == "folder":
-        df = scan_folder(root)
+        df = scan_folder(root, skipped)
     else:
         raise CatalogError(f"Unknown layout {layout!r}; choose auto, tiny-imagenet or folder.")
     if df.empty:
@@ -162,8 +187,37 @@ def build_catalog(
 def write_catalog(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     """Write the catalog parquet atomically (temp file, then rename)."""
     out = Path(out)
+    check_out(out)
+    try:
+        with atomic_path(out) as tmp:
+            df.to_parquet(tmp, index=False)
+    except OSError as e:
+        raise CatalogError(
+            f"Cannot write the catalog {out}: {e.strerror}; give --out a file you can write."
+        ) from None
+    return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a folder before any scanning."""
+    if out.is_dir():
+        raise CatalogError(f"--out {out} is a folder; give the path of the catalog file to write.")
+
+
+def write_skipped(skipped: list[tuple[str, str]], out: str | os.PathLike) -> Path:
+    """The files left out of a catalog, next to it (OUT.skipped.parquet): path (printable, with
+    escapes), path_bytes (the exact file-system bytes) and reason."""
+    out = Path(out)
+    out = out.with_name(out.name.removesuffix(".parquet") + ".skipped.parquet")
+    table = pa.table(
+        {
+            "path": pa.array([printable(p) for p, _ in skipped], pa.string()),
+            "path_bytes": pa.array([os.fsencode(p) for p, _ in skipped], pa.binary()),
+            "reason": pa.array([r for _, r in skipped], pa.string()),
+        }
+    )
     with atomic_path(out) as tmp:
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return out
 
 
@@ -172,7 +226,15 @@ def read_catalog(path: str | os.PathLike, splits: Iterable[str] | None = None) -
     path = Path(path)
     if not path.exists():
         raise CatalogError(f"Catalog {path} does not exist; build one with `devise catalog ROOT`.")
-    df = pd.read_parquet(path)
+    if path.is_dir():
+        raise CatalogError(f"Catalog {path} is a folder; give the catalog parquet file.")
+    try:
+        df = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError):
+        raise CatalogError(
+            f"Catalog {path} is not a readable parquet file; build one with "
+            "`devise catalog ROOT --out FILE`."
+        ) from None
     missing = {"path", "label", "split"} - set(df.columns)
     if missing:
         raise CatalogError(f"{path} is not a devise catalog (missing {sorted(missing)}).")
@@ -185,30 +247,13 @@ def read_catalog(path: str | os.PathLike, splits: Iterable[str] | None = None) -
     return df
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Images per class and split (rows: class names; columns: splits)."""
-    return df.pivot_table(
-        index="class_name", columns="split", values="path", aggfunc="count", fill_value=0
-    )
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("catalog", help="scan an image folder into a catalog parquet")
-    p.add_argument("root", help="data folder: one sub-folder per class, or Tiny ImageNet")
-    p.add_argument("--out", required=True, help="catalog parquet to write")
-    p.add_argument("--layout", default="auto", choices=["auto", "tiny-imagenet", "folder"])
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--holdout", default=None, help="comma-separated classes held out (unseen)")
-    g.add_argument("--holdout-count", type=int, default=None, help="hold out N random classes")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
+def run_cli(args) -> int:
+    """`devise catalog` (flags: devise/commands/catalog.py)."""
     holdout = [h for h in args.holdout.split(",") if h.strip()] if args.holdout else None
+    check_out(Path(args.out))
+    skipped: list[tuple[str, str]] = []
     df = build_catalog(
-        args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed
+        args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed, skipped
     )
     out = write_catalog(df, args.out)
     counts = df["split"].value_counts().reindex(list(SPLITS), fill_value=0)
@@ -218,5 +263,12 @@ def _cli(args) -> int:
     )
     held = sorted(df.loc[df["split"] == "unseen", "class_name"].unique())
     if held:
-        print("Held out (unseen): " + ", ".join(held))
+        print("Held out (unseen): " + ", ".join(printable(h) for h in held))
+    if skipped:
+        listing = write_skipped(skipped, args.out)
+        path, reason = skipped[0]
+        print(
+            f"Skipped {len(skipped)} file(s) whose names cannot be catalogued (e.g. "
+            f"{printable(path)}: {reason}); the list is in {listing}."
+        )
     return 0

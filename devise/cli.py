@@ -1,81 +1,129 @@
-"""The `devise` command line: one sub-command per stage, each defined next to its code."""
+"""The `devise` command line: one sub-command per stage (flags in devise/commands/)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
-# Modules that register a sub-command with add_cli(subparsers), in help order.
+from devise import console
+from devise.errors import DeviseError
+
+# Modules that register a sub-command with add_cli(subparsers), in help order. Each must import
+# without numpy, torch or Ray (tests/test_cli.py checks): the stage loads when the command runs.
 COMMAND_MODULES = (
-    "devise.assets",
-    "devise.catalog",
-    "devise.training",
-    "devise.embed",
-    "devise.search",
-    "devise.serve",
-    "devise.evaluate",
-    "devise.demo",
+    "devise.commands.assets",
+    "devise.commands.catalog",
+    "devise.commands.train",
+    "devise.commands.embed",
+    "devise.commands.search",
+    "devise.commands.serve",
+    "devise.commands.evaluate",
+    "devise.commands.demo",
 )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can cause (bad path, unknown word, broken file): printed as one line."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
-    for module, names in {
-        "devise.assets": ["AssetError"],
-        "devise.backbones": ["BackboneError"],
-        "devise.catalog": ["CatalogError"],
-        "devise.images": ["ImageDecodeError"],
-        "devise.vectors": ["UnknownWordError", "VectorFileError"],
-        "devise.embed": ["EmbedError"],
-        "devise.search": ["SearchError"],
-        "devise.serve": ["ServeError"],
-        "devise.training": ["TrainError"],
-        "devise.evaluate": ["EvalError"],
-        "devise.features": ["FeatureError"],
-    }.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        errors += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return tuple(errors)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, unless the default is None/False or the help
+    already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {shown})".strip()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="devise",
-        description="Search images by words with a visual-semantic embedding (DeViSE) on Ray.",
+def _verbosity_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    # On every sub-command too, so `devise train ... -v` works; SUPPRESS keeps a sub-command's
+    # parser from overwriting what was given before the sub-command.
+    default = 0 if top else argparse.SUPPRESS
+    g = parser.add_argument_group("output")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const=console.VERBOSE,
+        default=default,
+        help="also show Ray's logs, dependency warnings, worker output and error tracebacks",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=console.QUIET,
+        default=default,
+        help="print only results and errors",
+    )
+    g.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
+def build_parser(prog: str = "devise", command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `devise`; with command, that sub-command's parser alone under prog (the
+    jobs/*.py entry points). Imports only the light modules in COMMAND_MODULES."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Search images by words with a visual-semantic embedding (DeViSE) on Ray.",
+        formatter_class=HelpFormatter,
+    )
+    _verbosity_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # stage not built into this version
-                continue
-            raise
-        module.add_cli(sub)
+        importlib.import_module(name).add_cli(sub)
+    for choice, p in sub.choices.items():
+        p.formatter_class = HelpFormatter
+        _verbosity_flags(p, top=False)
+        if command == choice:
+            p.prog = prog
+            return p
+    if command is not None:
+        raise ValueError(f"no sub-command {command!r}")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None, prog: str = "devise", command: str | None = None
+) -> int:
+    """Run `devise` with argv; with command, run that sub-command as the program prog."""
+    parser = build_parser(prog, command)
     args = parser.parse_args(argv)
+    if command is not None:
+        args.command = command
+        args.verbosity = getattr(args, "verbosity", console.NORMAL)
+    verbose = args.verbosity >= console.VERBOSE or getattr(args, "debug", False)
+    console.configure(console.VERBOSE if verbose else args.verbosity)
+    name = prog if command else f"{prog} {args.command}"
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as e:
-        if args.debug:
-            raise
-        msg = str(e).strip().strip('"') or type(e).__name__
-        print(f"devise {args.command}: error: {msg}", file=sys.stderr)
-        return getattr(e, "EXIT_CODE", 2)
     except KeyboardInterrupt:
-        print(f"devise {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except (DeviseError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        # A mistake the user can fix: one sentence (-v adds the traceback).
+        if verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return e.EXIT_CODE if isinstance(e, DeviseError) else 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # raised by the OS: name the path
+        return f"{e.strerror}: {e.filename}"
+    return str(e).strip().strip('"') or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -1,66 +1,42 @@
-"""Batch embedding into versioned parquet: image paths -> Ray Data -> head embeddings, resumable,
-incremental, committed atomically so readers only ever see complete versions.
+"""Batch embedding into versioned parquet: image paths -> Ray Data (decode, ModelActor) ->
+devise.store's staging writer -> a committed version. Resumable (finished chunks are reused),
+incremental (only new or changed files), guarded (a run whose inputs mostly failed commits
+nothing), and able to rebuild damaged versions (--repair).
 
-The folder layout, the version readers and the lock live in devise.store; this module plans a
-run, runs the model over chunks of rows into staging, and commits a new version.
+The folder layout, verification, commit and lock live in devise.store.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
+import signal
 import socket
+import sys
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from devise.fsutil import atomic_path
-from devise.store import (  # noqa: F401 -- re-exported: the public API of devise.embed
-    CURRENT_FILE,
+from devise.console import progress
+from devise.fsutil import hash_paths, name_problem, stat_paths
+from devise.store import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_KEEP_VERSIONS,
+    DEFAULT_MAX_ERROR_FRACTION,
     ERRORS_FILE,
     FORMAT,
-    INPUT_COLUMNS,
-    KEY_COLUMNS,
-    LOCK_FILE,
-    MANIFEST_FILE,
-    META_PREFIX,
-    MISSING_REASON,
-    REMOVED_FILE,
     STAGING_DIR,
-    VERSIONS_DIR,
     EmbedError,
-    EmbedLock,
-    LockHeldError,
-    LockInfo,
-    _seq,
-    _strings,
-    _write_atomic,
-    _write_text_atomic,
-    current_version,
-    embedding_matrix,
+    PartInfo,
+    Store,
     embedding_schema,
-    error_schema,
-    errors_to_table,
-    list_versions,
-    read_errors,
-    read_manifest,
-    read_parquet_meta,
-    read_version,
-    rows_to_table,
+    row_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -68,28 +44,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # inputs and the plan
-
-
-def stat_paths(paths: Sequence[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(size_bytes, mtime_ns) int64 arrays for paths; -1 where a path is missing or unreadable.
-
-    Threads, since stat() waits on the file system (NFS) rather than the CPU.
-    """
-
-    def one(p: str) -> tuple[int, int]:
-        try:
-            st = os.stat(p)
-        except OSError:
-            return -1, -1
-        return st.st_size, st.st_mtime_ns
-
-    if len(paths) > 2000:
-        with ThreadPoolExecutor(threads) as pool:
-            stats = list(pool.map(one, paths, chunksize=512))
-    else:
-        stats = [one(p) for p in paths]
-    arr = np.array(stats, dtype=np.int64).reshape(-1, 2)
-    return arr[:, 0].copy(), arr[:, 1].copy()
 
 
 def input_table(
@@ -118,9 +72,10 @@ def input_table(
         root = Path(images).expanduser()
         if not root.is_dir():
             raise EmbedError(f"Image folder {root} does not exist or is not a folder.")
-        paths = sorted(
-            os.path.abspath(p) for p in root.rglob("*") if is_image_path(p.name) and p.is_file()
-        )
+        found = [os.path.abspath(p) for p in root.rglob("*") if is_image_path(p.name)]
+        paths = sorted(p for p in found if name_problem(p) is None and os.path.isfile(p))
+        if len(paths) < len(found):
+            log.warning("Skipped files under %s whose names are not plain UTF-8 text.", root)
         df = pd.DataFrame({"path": paths, "label": None, "class_name": None}, dtype=object)
         source = f"folder {root}"
     if df.empty:
@@ -133,59 +88,8 @@ def input_table(
     return df.reset_index(drop=True)
 
 
-@dataclass
-class Plan:
-    """What a run does with each input row (every row lands in exactly one table)."""
-
-    todo: pd.DataFrame  # to embed (INPUT_COLUMNS)
-    keep: pd.DataFrame  # unchanged since the base version: reuse its row or error
-    missing: pd.DataFrame  # no such file: an error without a decode
-    removed: list[str]  # in the previous version, not in the input any more
-
-
-def _keys(df: pd.DataFrame) -> pd.Series:
-    """One hashable key per row: (path, size, mtime)."""
-    return pd.Series(
-        list(
-            zip(
-                df["path"].astype(str),
-                df["size_bytes"].astype(np.int64),
-                df["mtime_ns"].astype(np.int64),
-            )
-        ),
-        index=df.index,
-        dtype=object,
-    )
-
-
-def plan_run(
-    table: pd.DataFrame, base: pd.DataFrame | None, previous_paths: Iterable[str] = ()
-) -> Plan:
-    """Split the input (INPUT_COLUMNS, stat'd; size -1 = missing) against the base version.
-
-    base: (path, size_bytes, mtime_ns) of every row and error in the base version (same model),
-    or None for a full run. A row is kept when its path, size and mtime all match the base;
-    new or changed rows are embedded; removed = previous paths not in the input.
-    """
-    missing_mask = table["size_bytes"].to_numpy() < 0
-    present = table[~missing_mask]
-    if base is not None and len(base) and len(present):
-        known = set(_keys(base[KEY_COLUMNS]))
-        same = _keys(present).map(lambda k: k in known).to_numpy(dtype=bool)
-    else:
-        same = np.zeros(len(present), dtype=bool)
-    inputs = set(table["path"])
-    removed = sorted(p for p in set(previous_paths) if p not in inputs)
-    return Plan(
-        todo=present[~same].reset_index(drop=True),
-        keep=present[same].reset_index(drop=True),
-        missing=table[missing_mask].reset_index(drop=True),
-        removed=removed,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# running the model: chunks of rows -> staged parts
+# the run
 
 
 @dataclass
@@ -198,6 +102,9 @@ class EmbedConfig:
     splits: list[str] | None = None
     images: str | None = None
     incremental: bool = False
+    verify: str = "stat"  # "content": also compare a hash of each file's bytes
+    repair: bool = False
+    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
     batch_size: int = 64
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     num_workers: int = 2
@@ -210,16 +117,6 @@ class EmbedConfig:
     wait_lock_s: float = 0.0
     stale_lock_s: float = 600.0
     keep_versions: int = DEFAULT_KEEP_VERSIONS
-
-
-@dataclass
-class PartInfo:
-    """A chunk committed to staging: its index, files and row counts."""
-
-    index: int
-    path: Path
-    rows: int
-    errors: int
 
 
 @dataclass
@@ -237,9 +134,19 @@ class EmbedResult:
     removed: int
     seconds: float
     base_version: str | None = None
-    extra: dict = field(default_factory=dict)
+    repaired: tuple[str, ...] = ()  # damaged versions moved to EMB_DIR/damaged
 
 
+# EmbedConfig fields passed on to the pipeline as they are.
+PIPELINE_FIELDS = (
+    "batch_size",
+    "num_workers",
+    "cpus_per_worker",
+    "decode_cpus",
+    "use_gpu",
+    "gpus_per_worker",
+    "torch_threads",
+)
 Runner = Callable[[pd.DataFrame, object], Iterator[dict[str, np.ndarray]]]
 
 
@@ -260,320 +167,6 @@ def run_local(table: pd.DataFrame, config) -> Iterator[dict[str, np.ndarray]]:
         yield actor(decode_batch(batch, config.backbone, config.image_size))
 
 
-class _StagingWriter:
-    """Buffers pipeline output and commits it to staging every `chunk_rows` rows.
-
-    errors-N.parquet is written first, part-N.parquet last: a chunk whose part file exists is
-    complete, so a rerun can trust it.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        todo: pd.DataFrame,
-        schema: pa.Schema,
-        model_id: str,
-        chunk_rows: int,
-        on_part: Callable[[PartInfo], None] | None,
-    ) -> None:
-        self.folder = folder
-        self.todo = todo
-        self.schema = schema
-        self.model_id = model_id
-        self.chunk_rows = max(1, chunk_rows)
-        self.on_part = on_part
-        self.index = _next_part_index(folder)
-        self.rows: list[np.ndarray] = []
-        self.embs: list[np.ndarray] = []
-        self.errors: list[str] = []
-        self.buffered = 0
-        self.done = np.zeros(len(todo), dtype=bool)
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        rows = np.asarray(batch["row"], dtype=np.int64)
-        if self.done[rows].any() or len(np.unique(rows)) != len(rows):
-            raise EmbedError("The pipeline returned a row twice; refusing to write duplicates.")
-        self.done[rows] = True
-        self.rows.append(rows)
-        self.embs.append(np.asarray(batch["embedding"], dtype=np.float32))
-        self.errors.extend(str(e) for e in batch["error"])
-        self.buffered += len(rows)
-        if self.buffered >= self.chunk_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffered:
-            return
-        rows = np.concatenate(self.rows)
-        embs = np.concatenate(self.embs)
-        reasons = np.asarray(self.errors, dtype=object)
-        bad = reasons != ""
-        meta = self.todo.iloc[rows]
-        name = f"{self.index:05d}"
-        _write_atomic(
-            errors_to_table(meta[bad], reasons[bad].tolist(), self.model_id),
-            self.folder / f"errors-{name}.parquet",
-        )
-        part = self.folder / f"part-{name}.parquet"
-        _write_atomic(rows_to_table(meta[~bad], embs[~bad], self.model_id, self.schema), part)
-        info = PartInfo(self.index, part, int((~bad).sum()), int(bad.sum()))
-        self.index += 1
-        self.rows, self.embs, self.errors, self.buffered = [], [], [], 0
-        if self.on_part is not None:
-            self.on_part(info)
-
-
-def _next_part_index(folder: Path) -> int:
-    indices = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.parquet")]
-    return max(indices, default=-1) + 1
-
-
-def _staged_parts(folder: Path) -> list[tuple[Path, Path]]:
-    """(part, errors) files of the complete chunks in a staging folder, in index order."""
-    out = []
-    for part in sorted(folder.glob("part-*.parquet")):
-        errors = folder / part.name.replace("part-", "errors-", 1)
-        out.append((part, errors))
-    return out
-
-
-def _staged_keys(folder: Path) -> set:
-    """(path, size, mtime) of every row the staged chunks already settled (embedded or error)."""
-    keys: set = set()
-    for part, errors in _staged_parts(folder):
-        for f in (part, errors):
-            if f.exists():
-                df = pq.read_table(f, columns=KEY_COLUMNS).to_pandas()
-                keys.update(_keys(df.fillna(-1)))
-    return keys
-
-
-# ---------------------------------------------------------------------------------------------
-# committing a version
-
-
-def _base_keys(emb_dir: Path, version: str | None) -> pd.DataFrame | None:
-    """(path, size_bytes, mtime_ns) of a version's rows and errors; None without a version."""
-    if version is None:
-        return None
-    _, rows = read_version(emb_dir, version, columns=KEY_COLUMNS)
-    errors = pq.read_table(
-        emb_dir / VERSIONS_DIR / version / ERRORS_FILE, columns=["path", "size_bytes", "mtime_ns"]
-    )
-    df = pd.concat([rows.to_pandas(), errors.to_pandas()], ignore_index=True)
-    return df.fillna(-1).astype({"size_bytes": np.int64, "mtime_ns": np.int64})
-
-
-def _previous_paths(emb_dir: Path, version: str | None) -> list[str]:
-    if version is None:
-        return []
-    _, rows = read_version(emb_dir, version, columns=["path"])
-    errors = pq.read_table(emb_dir / VERSIONS_DIR / version / ERRORS_FILE, columns=["path"])
-    return rows.column("path").to_pylist() + errors.column("path").to_pylist()
-
-
-def _relabel(table: pa.Table, labels: dict[str, tuple]) -> pa.Table:
-    """Take label and class_name from the current input (a catalog may rename a class)."""
-    paths = table.column("path").to_pylist()
-    label = _strings([labels[p][0] for p in paths])
-    name = _strings([labels[p][1] for p in paths])
-    table = table.set_column(table.schema.get_field_index("label"), "label", label)
-    return table.set_column(table.schema.get_field_index("class_name"), "class_name", name)
-
-
-def _filter_file(
-    src: Path,
-    dst: Path,
-    wanted: set,
-    labels: dict[str, tuple],
-    seen: set,
-    schema: pa.Schema,
-    move: bool,
-) -> int:
-    """Copy the rows of src whose (path, size, mtime) key is wanted and not yet seen into dst.
-
-    A file whose every row is kept with unchanged labels is moved or hard-linked, not rewritten.
-    Returns the rows written (0: nothing written).
-    """
-    table = pq.read_table(src)
-    if table.num_rows == 0:
-        return 0
-    keys = _keys(table.select(KEY_COLUMNS).to_pandas().fillna(-1))
-    mask = np.array([k in wanted and k not in seen for k in keys], dtype=bool)
-    # The same key twice in one file (it cannot happen, but never write it twice).
-    mask &= ~keys.duplicated().to_numpy()
-    if not mask.any():
-        return 0
-    seen.update(keys[mask])
-    kept = table.filter(pa.array(mask)) if not mask.all() else table
-    relabelled = _relabel(kept, labels)
-    if mask.all() and relabelled.equals(table):
-        if move:
-            os.replace(src, dst)
-        else:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-    else:
-        pq.write_table(relabelled.cast(schema), dst)
-    return int(mask.sum())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _commit(
-    emb_dir: Path,
-    staging: Path,
-    table: pd.DataFrame,
-    plan: Plan,
-    base_version: str | None,
-    previous_version: str | None,
-    manifest_extra: dict,
-    model_id: str,
-    dim: int,
-    meta: dict,
-    keep_versions: int,
-) -> tuple[str, dict]:
-    """Assemble a version from base rows + staged chunks + errors and make it current."""
-    versions = emb_dir / VERSIONS_DIR
-    versions.mkdir(parents=True, exist_ok=True)
-    seq = max((_seq(d.name.removeprefix(".tmp-")) for d in versions.iterdir()), default=0) + 1
-    name = f"{seq:06d}-{model_id}"
-    tmp = versions / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    schema = embedding_schema(dim, meta)
-    labels = {
-        p: (lab, cn) for p, lab, cn in zip(table["path"], table["label"], table["class_name"])
-    }
-    seen: set = set()
-    parts: list[dict] = []
-    error_tables: list[pa.Table] = []
-
-    def add_part(src: Path, move: bool, wanted: set) -> None:
-        dst = tmp / f"part-{len(parts):05d}.parquet"
-        n = _filter_file(src, dst, wanted, labels, seen, schema, move)
-        if n:
-            parts.append({"file": dst.name, "rows": n})
-
-    def add_errors(src: Path, wanted: set) -> None:
-        errs = pq.read_table(src)
-        if errs.num_rows == 0:
-            return
-        keys = _keys(errs.select(KEY_COLUMNS).to_pandas().fillna(-1))
-        mask = np.array([k in wanted and k not in seen for k in keys], dtype=bool)
-        mask &= ~keys.duplicated().to_numpy()
-        seen.update(keys[mask])
-        if mask.any():
-            error_tables.append(_relabel(errs.filter(pa.array(mask)), labels).cast(error_schema()))
-
-    reused = 0
-    if base_version is not None and len(plan.keep):
-        keep = set(_keys(plan.keep))
-        base_manifest = read_manifest(emb_dir, base_version)
-        base_dir = versions / base_version
-        for p in base_manifest["parts"]:
-            add_part(base_dir / p["file"], move=False, wanted=keep)
-        add_errors(base_dir / ERRORS_FILE, keep)
-        reused = len(seen)
-    todo = set(_keys(plan.todo))
-    for part, errors in _staged_parts(staging):
-        if errors.exists():
-            add_errors(errors, todo)
-        add_part(part, move=True, wanted=todo)
-    if len(plan.missing):
-        error_tables.append(
-            errors_to_table(plan.missing, [MISSING_REASON] * len(plan.missing), model_id)
-        )
-    errors = (
-        pa.concat_tables(error_tables) if error_tables else error_schema().empty_table()
-    ).replace_schema_metadata(error_schema(meta).metadata)
-    n_rows = sum(p["rows"] for p in parts)
-    # Every input row must land exactly once, as a row or as an error.
-    settled = len(seen) + len(plan.missing)
-    if settled != len(table) or n_rows + errors.num_rows != len(table):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EmbedError(
-            f"Internal error: {settled} of {len(table)} input rows were settled; nothing was "
-            f"committed and the staged chunks in {staging} are kept for a rerun."
-        )
-    pq.write_table(errors, tmp / ERRORS_FILE)
-    pq.write_table(pa.table({"path": pa.array(plan.removed, pa.string())}), tmp / REMOVED_FILE)
-    manifest = {
-        "format": FORMAT,
-        "version": name,
-        "model_id": model_id,
-        "dim": dim,
-        **{k: v for k, v in meta.items() if k not in ("model_id", "dim")},
-        "rows": n_rows,
-        "errors": errors.num_rows,
-        "removed": len(plan.removed),
-        "embedded": len(plan.todo),
-        "reused": reused,
-        "base_version": base_version,
-        "previous_version": previous_version,
-        "parts": parts,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        **manifest_extra,
-    }
-    _write_text_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    _fsync_dir(tmp)
-    os.rename(tmp, versions / name)
-    _fsync_dir(versions)
-    # The switch: readers follow CURRENT, which now names a complete version.
-    _write_text_atomic(emb_dir / CURRENT_FILE, name + "\n")
-    _link_errors(emb_dir, versions / name / ERRORS_FILE)
-    shutil.rmtree(staging, ignore_errors=True)
-    _gc_versions(emb_dir, name, keep_versions)
-    return name, manifest
-
-
-def _link_errors(emb_dir: Path, src: Path) -> None:
-    """EMB_DIR/errors.parquet: the current version's errors, replaced atomically."""
-    with atomic_path(emb_dir / ERRORS_FILE) as tmp:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-
-
-def _gc_versions(emb_dir: Path, current: str, keep: int) -> None:
-    """Delete all but the newest `keep` versions (never the current one) and leftovers of
-    interrupted commits. Older versions stay a while so a reader that opened one finishes."""
-    versions = emb_dir / VERSIONS_DIR
-    for d in versions.glob(".tmp-*"):
-        shutil.rmtree(d, ignore_errors=True)
-    if keep <= 0:
-        return
-    names = list_versions(emb_dir)
-    for old in names[: max(0, len(names) - keep)]:
-        if old != current:
-            shutil.rmtree(versions / old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# the job
-
-
-def latest_version_of_model(emb_dir: str | os.PathLike, model_id: str) -> str | None:
-    """The newest committed version embedded with model_id (the base of an incremental run)."""
-    for name in reversed(list_versions(emb_dir)):
-        if name.endswith(f"-{model_id}"):
-            return name
-    return None
-
-
 def embed(
     config: EmbedConfig,
     on_part: Callable[[PartInfo], None] | None = None,
@@ -582,9 +175,10 @@ def embed(
     """Embed the configured images into a new version of config.out and make it current.
 
     Full run: every input path goes through the model. Incremental: only paths new or changed
-    (size or mtime) since the newest version of the same model; the rest is carried over.
-    Chunks finished by an interrupted run of the same model are reused, not recomputed.
-    on_part is called after each chunk is committed to staging (progress; tests inject faults).
+    (size or mtime; with verify="content" also the bytes) since the newest intact version of the
+    same model; the rest is carried over. Repair: damaged versions are moved aside and the rows
+    they lost are embedded again. Chunks finished by an interrupted run of the same model are
+    reused, not recomputed. on_part is called after each chunk is staged (progress; tests).
     """
     from devise.model import load_spec
     from devise.model import model_id as compute_model_id
@@ -595,8 +189,7 @@ def embed(
     spec = load_spec(model_dir)
     mid = compute_model_id(model_dir)
     table = input_table(config.catalog, config.splits, config.images)
-    emb_dir = Path(config.out).expanduser()
-    emb_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.open(config.out, create=True)
     meta = {
         "model_id": mid,
         "dim": spec.out_dim,
@@ -606,30 +199,27 @@ def embed(
         "image_size": spec.image_size,
         "format": FORMAT,
     }
-    with EmbedLock(emb_dir, config.wait_lock_s, config.stale_lock_s):
+    with store.writing(config.wait_lock_s, config.stale_lock_s):
         sizes, mtimes = stat_paths(table["path"].tolist())
         table["size_bytes"], table["mtime_ns"] = sizes, mtimes
-        previous = current_version(emb_dir)
-        base = latest_version_of_model(emb_dir, mid) if config.incremental else None
-        plan = plan_run(table, _base_keys(emb_dir, base), _previous_paths(emb_dir, previous))
-        staging = emb_dir / STAGING_DIR / mid
-        staging.mkdir(parents=True, exist_ok=True)
-        for leftover in staging.glob(".*.tmp"):  # a chunk half-written when a run was killed
-            leftover.unlink(missing_ok=True)
-        staged = _staged_keys(staging)
-        todo_keys = _keys(plan.todo) if len(plan.todo) else pd.Series([], dtype=object)
-        fresh = ~todo_keys.map(lambda k: k in staged).to_numpy(dtype=bool)
+        hashes = hash_paths(table["path"].tolist()) if config.verify == "content" else None
+        plan = store.plan(
+            table,
+            mid,
+            incremental=config.incremental,
+            repair=config.repair,
+            hashes=hashes,
+            max_error_fraction=config.max_error_fraction,
+        )
+        staging = store.staging(mid)
+        staged = store.staged_keys(staging)
+        fresh = ~row_keys(plan.todo).map(lambda k: k in staged).to_numpy(dtype=bool)
         resumed = int(len(plan.todo) - fresh.sum())
         run_table = plan.todo[fresh].reset_index(drop=True)
         log.info(
-            "%s: %d inputs, %d to embed (%d already staged), %d unchanged, %d missing, %d removed.",
-            emb_dir,
-            len(table),
-            len(run_table),
-            resumed,
-            len(plan.keep),
-            len(plan.missing),
-            len(plan.removed),
+            f"{store.root}: {len(table)} inputs, {len(run_table)} to embed ({resumed} already "
+            f"staged), {len(plan.keep)} unchanged, {len(plan.missing)} missing, "
+            f"{len(plan.removed)} removed."
         )
         if len(run_table):
             pconfig = PipelineConfig(
@@ -637,25 +227,13 @@ def embed(
                 weights=spec.backbone_weights,
                 image_size=spec.image_size,
                 head_dir=str(model_dir),
-                batch_size=config.batch_size,
-                num_workers=config.num_workers,
-                cpus_per_worker=config.cpus_per_worker,
-                decode_cpus=config.decode_cpus,
-                use_gpu=config.use_gpu,
-                gpus_per_worker=config.gpus_per_worker,
-                torch_threads=config.torch_threads,
+                **{k: getattr(config, k) for k in PIPELINE_FIELDS},
             )
             run = runner or (run_local if config.local else run_images)
-            writer = _StagingWriter(
-                staging,
-                run_table,
-                embedding_schema(spec.out_dim, meta),
-                mid,
-                config.chunk_rows,
-                on_part,
-            )
+            schema = embedding_schema(spec.out_dim, meta)
+            writer = store.writer(staging, run_table, schema, mid, config.chunk_rows, on_part)
             feed = pd.DataFrame({"path": run_table["path"], "row": np.arange(len(run_table))})
-            for batch in run(feed, pconfig):
+            for batch in progress(run(feed, pconfig), len(feed), "embedding"):
                 writer.add(batch)
             writer.flush()
             if not writer.done.all():
@@ -676,21 +254,19 @@ def embed(
             "host": socket.gethostname(),
             "resumed": resumed,
         }
-        name, manifest = _commit(
-            emb_dir,
+        name, manifest = store.commit(
             staging,
             table,
             plan,
-            base,
-            previous,
-            extra,
-            mid,
-            spec.out_dim,
-            meta,
-            config.keep_versions,
+            model_id=mid,
+            meta=meta,
+            extra=extra,
+            hashes=hashes,
+            keep_versions=config.keep_versions,
+            max_error_fraction=config.max_error_fraction,
         )
     return EmbedResult(
-        emb_dir=emb_dir,
+        emb_dir=store.root,
         version=name,
         model_id=mid,
         rows=manifest["rows"],
@@ -700,71 +276,36 @@ def embed(
         reused=manifest["reused"],
         removed=len(plan.removed),
         seconds=time.perf_counter() - t0,
-        base_version=base,
+        base_version=plan.base.version if plan.base is not None else None,
+        repaired=tuple(plan.damaged),
     )
-
-
-def write_version(
-    emb_dir: str | os.PathLike,
-    rows: pd.DataFrame,
-    embeddings: np.ndarray,
-    *,
-    model_id: str,
-    vectors: str = "",
-    vectors_id: str = "",
-    reasons: Sequence[str] | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    keep_versions: int = DEFAULT_KEEP_VERSIONS,
-    extra: dict | None = None,
-) -> str:
-    """Commit precomputed embeddings (N, D) for rows (path; optional label, class_name,
-    size_bytes, mtime_ns) as a new current version, with the same layout, lock and commit as a
-    run. reasons: one per row, '' for an embedded row, else the row goes to errors.parquet.
-    Returns the version name."""
-    emb_dir = Path(emb_dir)
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    table = rows.copy()
-    for col in INPUT_COLUMNS:
-        if col not in table.columns:
-            table[col] = -1 if col in ("size_bytes", "mtime_ns") else None
-    table = table[INPUT_COLUMNS].reset_index(drop=True)
-    table["path"] = table["path"].astype(str)
-    if table["path"].duplicated().any():
-        raise EmbedError("write_version: repeated paths.")
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    dim = int(embeddings.shape[1])
-    meta = {"model_id": model_id, "dim": dim, "vectors": vectors, "vectors_id": vectors_id}
-    meta["format"] = FORMAT
-    errors = np.asarray(reasons if reasons is not None else [""] * len(table), dtype=object)
-    with EmbedLock(emb_dir):
-        previous = current_version(emb_dir)
-        plan = plan_run(table.assign(size_bytes=0), None, _previous_paths(emb_dir, previous))
-        plan.todo = table
-        staging = emb_dir / STAGING_DIR / f"write-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        writer = _StagingWriter(
-            staging, table, embedding_schema(dim, meta), model_id, chunk_rows, None
-        )
-        writer.add({"row": np.arange(len(table)), "embedding": embeddings, "error": errors})
-        writer.flush()
-        name, _ = _commit(
-            emb_dir,
-            staging,
-            table,
-            plan,
-            None,
-            previous,
-            dict(extra or {}),
-            model_id,
-            dim,
-            meta,
-            keep_versions,
-        )
-    return name
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the run unwinds like Ctrl-C (lock released,
+    finished chunks kept) instead of dying mid-write."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[Callable[[], None]]:
+    """SIGTERM raises Terminated (once) while the block runs; yields a function that installs
+    the handler again (Ray's start-up installs its own)."""
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # we are already stopping
+        raise Terminated()
+
+    old = signal.getsignal(signal.SIGTERM)
+    arm = lambda: signal.signal(signal.SIGTERM, handler)
+    arm()
+    try:
+        yield arm
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _parse_splits(text: str | None) -> list[str] | None:
@@ -773,95 +314,62 @@ def _parse_splits(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def add_cli(subparsers) -> None:
-    from devise.runtime import add_ray_args
-
-    p = subparsers.add_parser(
-        "embed",
-        help="embed images with a trained model into versioned parquet",
-        description="Embed images into EMB_DIR/versions/<version>/part-*.parquet; "
-        "bad files go to EMB_DIR/errors.parquet. Resumable: a rerun skips finished chunks.",
-    )
-    p.add_argument("--model", required=True, help="the RUN_DIR/model folder of `devise train`")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--catalog", help="catalog parquet from `devise catalog`")
-    src.add_argument("--images", help="a folder of images (searched recursively; no labels)")
-    p.add_argument(
-        "--splits", default=None, help="with --catalog: comma-separated splits, or all (default)"
-    )
-    p.add_argument("--out", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument(
-        "--incremental",
-        action="store_true",
-        help="embed only new or changed files (size, mtime) since the last version of this model",
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=DEFAULT_CHUNK_ROWS,
-        help="rows per committed chunk: what a killed run loses at most",
-    )
-    p.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")
-    p.add_argument("--torch-threads", type=int, default=None, help="CPU threads per model worker")
-    p.add_argument(
-        "--local", action="store_true", help="run in this process without Ray (small folders)"
-    )
-    p.add_argument(
-        "--wait-lock",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait this long for another run writing EMB_DIR (default: exit at once)",
-    )
-    p.add_argument(
-        "--keep-versions",
-        type=int,
-        default=DEFAULT_KEEP_VERSIONS,
-        help="committed versions to keep (0: all)",
-    )
-    add_ray_args(p, workers_help="model actors")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from devise.runtime import default_cpus_per_worker, init_ray
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise embed` (flags: devise/commands/embed.py). SIGTERM or Ctrl-C stops the run with
+    one line (exit 143 or 130), finished chunks kept for the rerun."""
+    from devise.runtime import init_ray, resolve_resources, resources_from_args
 
     if args.splits is not None and args.catalog is None:
         raise EmbedError("--splits applies to --catalog only.")
     for flag in ("batch_size", "chunk_rows", "num_workers"):
         if getattr(args, flag) < 1:
             raise EmbedError(f"--{flag.replace('_', '-')} must be at least 1.")
-    cpus = args.cpus_per_worker if args.cpus_per_worker is not None else 1.0
-    if not args.local:
-        init_ray(args.address)
-        cpus = default_cpus_per_worker(args.cpus_per_worker, args.num_workers)
-    decode = args.decode_cpus if args.decode_cpus is not None else min(1.0, cpus)
-    config = EmbedConfig(
-        model_dir=args.model,
-        out=args.out,
-        catalog=args.catalog,
-        splits=_parse_splits(args.splits),
-        images=args.images,
-        incremental=args.incremental,
-        batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows,
-        num_workers=args.num_workers,
-        cpus_per_worker=cpus,
-        decode_cpus=decode,
-        use_gpu=args.use_gpu,
-        gpus_per_worker=args.gpus_per_worker,
-        torch_threads=args.torch_threads,
-        local=args.local,
-        wait_lock_s=args.wait_lock,
-        keep_versions=args.keep_versions,
-    )
-    r = embed(config)
+    if not 0.0 <= args.max_error_fraction <= 1.0:
+        raise EmbedError("--max-error-fraction must be between 0 and 1.")
+    staging = Path(args.out).expanduser() / STAGING_DIR
+    try:
+        with _sigterm_unwinds() as rearm:
+            if not args.local:
+                init_ray(args.address)
+                rearm()
+            res = resolve_resources(resources_from_args(args))
+            config = EmbedConfig(
+                model_dir=args.model,
+                out=args.out,
+                catalog=args.catalog,
+                splits=_parse_splits(args.splits),
+                images=args.images,
+                incremental=args.incremental or args.repair,
+                verify=args.verify,
+                repair=args.repair,
+                max_error_fraction=args.max_error_fraction,
+                chunk_rows=args.chunk_rows,
+                **res.as_kwargs(),
+                torch_threads=args.torch_threads,
+                local=args.local,
+                wait_lock_s=args.wait_lock,
+                keep_versions=args.keep_versions,
+            )
+            r = embed(config)
+    except (Terminated, KeyboardInterrupt) as e:
+        code, what = (143, "terminated") if isinstance(e, Terminated) else (130, "interrupted")
+        print(
+            f"devise embed: {what}; nothing was committed and the finished chunks in {staging} "
+            "are kept: rerun the same command to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Unwinding released the lock and kept the chunks; the interpreter's teardown (torch,
+        # Ray) can outlast a scheduler's grace period on a busy node, so leave at once.
+        sys.stdout.flush()
+        os._exit(code)
     print(
         f"Committed {r.version} to {r.emb_dir}: {r.rows} images embedded, {r.errors} errors "
         f"(this run: {r.embedded} embedded, {r.resumed} resumed, {r.reused} unchanged, "
         f"{r.removed} removed) in {r.seconds:.1f}s."
     )
+    if r.repaired:
+        print(f"Repaired: moved {', '.join(r.repaired)} to {r.emb_dir / 'damaged'}.")
     if r.errors:
         print(f"Files that could not be embedded, with reasons: {r.emb_dir / ERRORS_FILE}")
     return 0

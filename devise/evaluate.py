@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from devise.errors import DeviseError
 from devise.metrics import (
     choose_gamma,
     generalized_zero_shot,
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 KS = (1, 2, 5, 10)
 
 
-class EvalError(ValueError):
+class EvalError(DeviseError, ValueError):
     """An evaluation that cannot run as asked; str() says what to do."""
 
 
@@ -183,6 +184,7 @@ def evaluate(config: EvalConfig) -> dict:
     from devise.features import extract_features
     from devise.model import load_model
     from devise.pipeline import PipelineConfig
+    from devise.runtime import Resources, resolve_resources
     from devise.vectors import load_vectors
 
     head = load_model(config.model)
@@ -196,14 +198,11 @@ def evaluate(config: EvalConfig) -> dict:
             f"The model was trained on word vectors {spec.vectors_id} but {spec.vectors} now "
             f"gives {vectors.vectors_id}; evaluate with the same vectors."
         )
-    pipeline = PipelineConfig(
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        cpus_per_worker=config.cpus_per_worker or 1.0,
-        decode_cpus=config.decode_cpus or 1.0,
-        use_gpu=config.use_gpu,
-        gpus_per_worker=config.gpus_per_worker,
-    )
+    res = Resources(
+        config.num_workers, config.cpus_per_worker, config.decode_cpus, config.use_gpu,
+        config.gpus_per_worker, config.batch_size,
+    )  # fmt: skip
+    pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
     fs = extract_features(
         catalog, spec.backbone, spec.backbone_weights, spec.image_size, 0,
         config.feature_cache, config.seed, pipeline,
@@ -465,27 +464,9 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_cli(subparsers) -> None:
-    from devise.runtime import add_ray_args
-
-    p = subparsers.add_parser(
-        "evaluate", help="paper-style tables: flat and zero-shot hit@k, GZSL, retrieval"
-    )
-    p.add_argument("--model", required=True, help="RUN_DIR/model written by `devise train`")
-    p.add_argument("--catalog", required=True, help="catalog parquet with test/unseen splits")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--feature-cache", default=None, help="default: $DEVISE_HOME/features")
-    p.add_argument("--conse-top", type=int, default=10, help="ConSE's T")
-    p.add_argument("--pseudo-unseen", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decode-cpus", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    add_ray_args(p, "backbone actors for feature extraction")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from devise.runtime import default_cpus_per_worker, init_ray
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise evaluate` (flags: devise/commands/evaluate.py)."""
+    from devise.runtime import init_ray, resolve_resources, resources_from_args
 
     if not Path(args.model).exists():
         raise EvalError(f"Model folder {args.model} does not exist; train one with `devise train`.")
@@ -493,10 +474,7 @@ def _cli(args: argparse.Namespace) -> int:
     config = EvalConfig(
         model=args.model, catalog=args.catalog, out=args.out, feature_cache=args.feature_cache,
         conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen, seed=args.seed,
-        num_workers=args.num_workers, use_gpu=args.use_gpu,
-        cpus_per_worker=default_cpus_per_worker(args.cpus_per_worker, args.num_workers),
-        gpus_per_worker=args.gpus_per_worker, decode_cpus=args.decode_cpus,
-        batch_size=args.batch_size, address=args.address,
+        address=args.address, **resolve_resources(resources_from_args(args)).as_kwargs(),
     )  # fmt: skip
     report = evaluate(config)
     print((Path(args.out) / "report.md").read_text())

@@ -25,6 +25,8 @@ import pandas as pd
 
 from devise.assets import devise_home
 from devise.backbones import backbone_info, torch_hub_weights_path
+from devise.console import progress
+from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 from devise.pipeline import PipelineConfig, run_images
 
@@ -40,7 +42,7 @@ META_FILE = "meta.json"
 ROW_COLUMNS = ["path", "label", "class_name", "split", "view"]
 
 
-class FeatureError(ValueError):
+class FeatureError(DeviseError, ValueError):
     """A feature cache or request that cannot be used; str() says what to do."""
 
 
@@ -252,7 +254,8 @@ def _run_pipeline(
     features = np.zeros((len(table), dim), dtype=np.float16)
     errors = np.full(len(table), "", dtype=object)
     seen = np.zeros(len(table), dtype=bool)
-    for batch in run_images(table[["path", "view", "_row"]], config, seed=seed):
+    batches = run_images(table[["path", "view", "_row"]], config, seed=seed)
+    for batch in progress(batches, len(table), "backbone features"):
         idx = batch["_row"].astype(np.int64)
         features[idx] = batch["feature"]
         errors[idx] = batch["error"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from devise.errors import DeviseError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 # Refuse decompression bombs explicitly instead of relying on Pillow's global default.
@@ -18,7 +20,7 @@ MAX_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DeviseError, ValueError):
     """A file that cannot be turned into an RGB image; str() is the reason."""
 
 

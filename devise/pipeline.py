@@ -8,6 +8,7 @@ pool -> numpy batches back to the caller. A file that cannot be decoded keeps it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,7 +143,11 @@ def build_dataset(table: pd.DataFrame, config: PipelineConfig, seed: int = 0):
 
     n = len(table)
     blocks = config.blocks or max(1, min(n, max(4 * config.num_workers, math.ceil(n / 256))))
-    ds = ray.data.from_pandas(table.reset_index(drop=True), override_num_blocks=blocks)
+    # Split here: from_pandas(override_num_blocks=) splits with np.array_split, which calls the
+    # deprecated DataFrame.swapaxes (a FutureWarning on every run).
+    table = table.reset_index(drop=True)
+    cuts = np.linspace(0, n, blocks + 1).astype(int)
+    ds = ray.data.from_pandas([table.iloc[a:b] for a, b in itertools.pairwise(cuts) if b > a])
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"backbone": config.backbone, "image_size": config.image_size, "seed": seed},

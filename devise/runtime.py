@@ -1,57 +1,245 @@
-"""Connecting to Ray and the resource flags every Ray job shares."""
+"""Connecting to Ray, and the one rule for how wide a stage runs (Resources)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
 
+# Seconds to wait for a recorded Ray address to answer before saying it does not.
+PROBE_TIMEOUT_S = 3.0
+LOCAL = "local"
 
-def add_ray_args(parser: argparse.ArgumentParser, workers_help: str = "Ray workers") -> None:
-    """Flags for where and how wide a job runs. Resources are flags, never hard-coded."""
+
+class RayUnavailableError(DeviseError):
+    """The Ray cluster to join does not answer (or several could be meant)."""
+
+    EXIT_CODE = 69  # EX_UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How wide a stage's Ray work runs; None fields are resolved by `resolve_resources`.
+
+    num_workers: Ray workers of the stage's main work (Train workers, model actors).
+    cpus_per_worker / gpus_per_worker: what each worker asks Ray for (GPUs only with use_gpu).
+    decode_cpus: CPUs per image-decode task. batch_size: images per model batch.
+    """
+
+    num_workers: int = 2
+    cpus_per_worker: float | None = None
+    decode_cpus: float | None = None
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    batch_size: int = 64
+
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments (PipelineConfig takes the same names)."""
+        return asdict(self)
+
+
+def cluster_cpus() -> float:
+    """CPUs of the Ray cluster this process is connected to, else of this machine."""
+    if _ray_initialized():
+        return float(sys.modules["ray"].cluster_resources().get("CPU", 1.0))
+    return float(os.cpu_count() or 1)
+
+
+def resolve_resources(res: Resources, total_cpus: float | None = None) -> Resources:
+    """Fill the defaults of res for a cluster of total_cpus (default: the one this process runs
+    on, see cluster_cpus). Flags the user gave are kept as they are.
+
+    A worker asks for 1 CPU unless the cluster is so small that whole CPUs per worker would leave
+    none for Ray Data's read and decode tasks (which hangs a job rather than failing it): then
+    a fair share, half the cluster split among the workers, in quarter CPUs (at least 0.25).
+    A decode task asks for as much as a worker, at most 1 CPU.
+    """
+    if res.num_workers < 1:
+        raise DeviseError(f"--num-workers must be at least 1 (got {res.num_workers}).")
+    if res.batch_size < 1:
+        raise DeviseError(f"--batch-size must be at least 1 (got {res.batch_size}).")
+    cpus = res.cpus_per_worker
+    if cpus is None:
+        total = cluster_cpus() if total_cpus is None else total_cpus
+        share = total / (2 * res.num_workers)
+        cpus = 1.0 if share >= 1.0 else max(0.25, round(share * 4) / 4)
+    decode = res.decode_cpus if res.decode_cpus is not None else min(1.0, cpus)
+    return replace(res, cpus_per_worker=cpus, decode_cpus=decode)
+
+
+def resources_from_args(args: argparse.Namespace) -> Resources:
+    """The Resources named by a stage's flags (add_ray_args), not yet resolved."""
+    return Resources(
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        decode_cpus=getattr(args, "decode_cpus", None),
+        use_gpu=args.use_gpu,
+        gpus_per_worker=args.gpus_per_worker,
+        batch_size=getattr(args, "batch_size", Resources.batch_size),
+    )
+
+
+def add_ray_args(
+    parser: argparse.ArgumentParser,
+    workers_help: str = "Ray workers",
+    num_workers: int = 2,
+    local_help: str | None = None,
+) -> None:
+    """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
+
+    local_help: when given, the stage also takes --local (run in this process without Ray).
+    """
     g = parser.add_argument_group("Ray resources")
-    g.add_argument("--num-workers", type=int, default=2, help=f"number of {workers_help}")
     g.add_argument(
-        "--use-gpu", action="store_true", help="one GPU per worker (see --gpus-per-worker)"
+        "--num-workers",
+        type=int,
+        default=num_workers,
+        help=f"Ray workers of this stage's main work: {workers_help}",
     )
     g.add_argument(
         "--cpus-per-worker",
         type=float,
         default=None,
-        help="CPUs each worker asks Ray for (default: 1, or a fair share on a small local machine)",
+        help="CPUs each worker asks Ray for (default: 1, or a fair share on a small machine)",
     )
-    g.add_argument("--gpus-per-worker", type=float, default=1.0)
+    g.add_argument("--use-gpu", action="store_true", help="GPUs for the workers")
+    g.add_argument(
+        "--gpus-per-worker", type=float, default=1.0, help="GPUs each worker asks for (--use-gpu)"
+    )
     g.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)",
+        help="Ray cluster to join; 'local' starts a fresh local Ray (default: RAY_ADDRESS, "
+        "else the cluster `ray start` recorded on this machine, else a new local Ray)",
     )
+    if local_help:
+        g.add_argument("--local", action="store_true", help=local_help)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at address (or RAY_ADDRESS, as ray.init reads it), else start a local
-    Ray. A no-op when Ray is already initialised (tests, `ray job submit` drivers)."""
-    import ray
+# ---------------------------------------------------------------------------------------------
+# Joining Ray
 
-    if ray.is_initialized():
+
+def current_cluster_file() -> Path:
+    """Where `ray start` records the address that a plain `ray.init()` joins."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
+    except (ImportError, AttributeError):  # the same rule, for a Ray that moved it
+        tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return Path(tmp) / "ray" / "ray_current_cluster"
+
+
+def ray_address(flag: str | None) -> tuple[str | None, str]:
+    """(address, where it came from) that joining Ray would use; None: start a local Ray.
+
+    The order is Ray's own: --address, then RAY_ADDRESS, then the current-cluster file.
+    """
+    if flag == LOCAL:
+        return None, "--address local"
+    if flag and flag != "auto":
+        return flag, "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "RAY_ADDRESS"
+    path = current_cluster_file()
+    try:
+        recorded = path.read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded:
+        return recorded, f"Ray's current-cluster file {path}"
+    return None, "no cluster recorded"
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to address (host:port, or ray://host:port) opens within
+    timeout, else the reason it did not."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return "it is not host:port"
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # not imported yet: certainly not initialised
+    return ray is not None and ray.is_initialized()
+
+
+def preflight(address: str | None) -> tuple[str | None, str]:
+    """(address, source) of the Ray cluster a stage would join, after checking that it answers
+    (RayUnavailableError names the address and where it came from). Cheap: it imports nothing,
+    so a command calls it before loading its stage. Skipped when Ray is already initialised."""
+    if _ray_initialized():
+        return None, "this process's Ray"
+    target, source = ray_address(address)
+    if target is not None:
+        why = probe(target)
+        if why is not None:
+            raise RayUnavailableError(
+                f"No Ray cluster answers at {target} (from {source}: {why}); start it, or "
+                f"run on a fresh local Ray with --address local."
+            )
+    return target, source
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    log_to_driver: bool = True,
+) -> None:
+    """Join the cluster at address (else RAY_ADDRESS, else the one `ray start` recorded), or
+    start a local Ray; address 'local' always starts a fresh local one. A no-op when Ray is
+    already initialised (tests, `ray job submit` drivers).
+
+    A recorded address that does not answer raises RayUnavailableError within seconds, naming
+    the address and its source, instead of letting ray.init() wait forever. Workers' output
+    reaches this terminal when log_to_driver, without dependency noise unless -v/--verbose.
+    """
+    if _ray_initialized():
         return
-    kwargs: dict = {"log_to_driver": True}
-    if address:
-        kwargs["address"] = address
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
-
-
-def default_cpus_per_worker(requested: float | None, num_workers: int) -> float:
-    """The CPUs a worker asks for: the flag when given, else 1 unless the cluster is so small
-    that whole CPUs per worker would leave none for Ray Data's read and decode tasks (which
-    hangs the job rather than failing it)."""
-    if requested is not None:
-        return requested
+    target, source = preflight(address)
     import ray
 
-    total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    share = total / (2 * max(1, num_workers))
-    return 1.0 if share >= 1.0 else max(0.25, round(share * 4) / 4)
+    from devise import console
+
+    kwargs: dict = {
+        "log_to_driver": log_to_driver,
+        "logging_level": logging.INFO if console.verbose() else logging.WARNING,
+        "configure_logging": True,
+    }
+    if target is None:
+        kwargs["address"] = LOCAL
+        # A stage's own local Ray lives for one run: without the dashboard's dozen processes it
+        # starts faster (and at all on a busy small machine). For the dashboard, `ray start`.
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    else:
+        kwargs["address"] = target
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # whatever Ray says, the user gets it in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = f"join Ray at {target} ({source})" if target else "start a local Ray"
+        raise RayUnavailableError(
+            f"Could not {where}: {first} Retry, pass --address HOST:PORT to choose a cluster, "
+            "or --address local for a fresh local Ray (-v shows Ray's logs)."
+        ) from e
+    console.filter_worker_echo()
+    console.quiet_ray_data()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.errors import DeviseError
 from devise.store import EmbedError, embedding_matrix, read_version
 
 # Scores of one block of queries against all rows stay under this many bytes.
 _BLOCK_BYTES = 256 << 20
 
 
-class SearchError(ValueError):
+class SearchError(DeviseError, ValueError):
     """A search that cannot run (folder, vectors or model mismatch); str() says what to do."""
 
 
@@ -313,41 +314,12 @@ def _print_table(hits: Sequence[SearchResult], file=None) -> None:
         print(f"{h.rank:>4}  {h.score:>7.4f}  {h.label or '-'!s:<{width}}  {h.path}", file=file)
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "search",
-        help="search embedded images by words, phrases or an image",
-        description="Exact cosine top-k over the current version of an embeddings folder.",
-    )
-    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
-    p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
-    p.add_argument("--image", help="search with an image instead of words")
-    p.add_argument(
-        "--include-self",
-        action="store_true",
-        help="with --image: keep the query image in the results when it is indexed itself",
-    )
-    p.add_argument(
-        "--words",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --image: also show the N class names nearest to the image (default 0)",
-    )
-    p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
-    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
-    p.add_argument("--version", help="search this version instead of the current one")
-    p.set_defaults(func=_cli)
-
-
 def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
     return [SearchResult(query, r["rank"], r["path"], r["label"], r["score"]) for r in records]
 
 
-def _cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise search` (flags: devise/commands/search.py), on top of devise.api.Index."""
     from devise.api import Index
 
     if bool(args.queries) == bool(args.image):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from devise.api import Index
 
 
+from devise.errors import DeviseError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -311,50 +313,12 @@ def start(
 # CLI
 
 
-class ServeError(ValueError):
+class ServeError(DeviseError, ValueError):
     """A service that cannot start (folder, port); str() says what to do."""
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve",
-        help="serve search over HTTP (Ray Serve): a page at / and a JSON API under /api",
-        description="Serve an embeddings folder with Ray Serve and FastAPI, following new "
-        "versions as they are committed.",
-    )
-    p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument(
-        "--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)"
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
-    p.add_argument("--replicas", type=int, default=1, help="search replicas (default %(default)s)")
-    p.add_argument(
-        "--cpus-per-replica",
-        type=float,
-        default=0.5,
-        help="CPUs each replica asks Ray for (default %(default)s)",
-    )
-    p.add_argument(
-        "--poll-seconds",
-        type=float,
-        default=2.0,
-        help="how often replicas look for a newly committed version (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_MB,
-        help="largest image upload accepted (default %(default)s)",
-    )
-    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
-    p.add_argument("--model", help="model folder for image queries (default: the one embedded)")
-    p.add_argument(
-        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
-    )
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise serve` (flags: devise/commands/serve.py)."""
     if args.replicas < 1:
         raise ServeError("--replicas must be at least 1.")
     if not 0 < args.port < 65536:

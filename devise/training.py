@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pandas as pd
 import torch
 
 from devise.backbones import backbone_info
+from devise.errors import DeviseError
 from devise.fsutil import atomic_path, normal_mode
 from devise.model import DeviseHead, HeadSpec, save_model
 from devise.train_loops import cached_train_loop, load_state, online_train_loop
@@ -43,7 +43,7 @@ BACKBONE_FILE = "backbone.pt"
 PAUSE_ENV = "DEVISE_TEST_PAUSE_AFTER_EPOCH"
 
 
-class TrainError(ValueError):
+class TrainError(DeviseError, ValueError):
     """A training setting or input a user can fix; str() is one sentence saying how."""
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
     image_size: int | None = None  # None: the backbone's own size
-    head: str = "mlp"
+    head: str = "linear"  # as good as the MLP here (DESIGN.md, "What accuracy to expect")
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -334,12 +334,11 @@ def _rows(catalog: pd.DataFrame, split: str, classes) -> dict:
 
 def _resources(config: TrainConfig) -> tuple[float, float, float]:
     """(CPUs per train worker, CPUs per feature actor, CPUs per decode task)."""
-    from devise.runtime import default_cpus_per_worker
+    from devise.runtime import Resources, resolve_resources
 
-    cpus = default_cpus_per_worker(config.cpus_per_worker, config.num_workers)
-    embed = default_cpus_per_worker(None, config.embed_workers)
-    decode = config.decode_cpus if config.decode_cpus is not None else min(1.0, embed)
-    return cpus, embed, decode
+    train = resolve_resources(Resources(config.num_workers, config.cpus_per_worker))
+    feats = resolve_resources(Resources(config.embed_workers, decode_cpus=config.decode_cpus))
+    return train.cpus_per_worker, feats.cpus_per_worker, feats.decode_cpus
 
 
 def _state_from_result(result) -> dict:
@@ -603,82 +602,6 @@ def _export_backbone(name: str, weights: str | None, state: dict) -> dict:
 # CLI
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The `train` flags (shared by `devise train` and jobs/train.py)."""
-    from devise.runtime import add_ray_args
-
-    p.add_argument("--catalog", required=True, help="catalog parquet from `devise catalog`")
-    p.add_argument("--out", required=True, help="RUN_DIR for checkpoints, metrics and the model")
-    p.add_argument("--vectors", default="glove-100d", help="glove-100d or a .vec/.txt PATH")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None, help="backbone weights file (state_dict)")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="input size (default: the backbone's; 64 is a good CPU choice)",
-    )
-    p.add_argument("--head", default="mlp", choices=HEADS)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--loss", default="rank", help="rank (the paper's) or cosine (the notebook's)")
-    p.add_argument("--margin", type=float, default=0.1, help="rank loss margin")
-    p.add_argument(
-        "--mode",
-        default="cached",
-        choices=MODES,
-        help="cached: backbone features computed once; online: the notebook's way",
-    )
-    p.add_argument(
-        "--augment-views",
-        type=int,
-        default=0,
-        help="cached mode: K augmented copies of each training image, computed once",
-    )
-    p.add_argument(
-        "--unfreeze-last",
-        action="store_true",
-        help="online mode: also train the backbone's last block",
-    )
-    p.add_argument(
-        "--backbone-lr",
-        type=float,
-        default=None,
-        help="lr of the unfrozen block (default: --lr / 10)",
-    )
-    p.add_argument("--max-train-per-class", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="GPU autocast: auto = bf16 where supported, else fp16; CPU is fp32",
-    )
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="Ray Train storage for checkpoints (s3://... or NFS on multi-node "
-        "clusters; default RUN_DIR/checkpoints)",
-    )
-    p.add_argument("--feature-cache", default=None, help="default $DEVISE_HOME/features")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures to retry")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    add_ray_args(p, workers_help="Ray Train workers (DDP)")
-    g = p.add_argument_group("feature stage")
-    g.add_argument("--embed-workers", type=int, default=1, help="backbone actors (cached mode)")
-    g.add_argument("--embed-batch-size", type=int, default=64)
-    g.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")
-    g.add_argument(
-        "--loader-workers",
-        type=int,
-        default=0,
-        help="online mode: DataLoader processes per train worker",
-    )
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed `train` flags (the test hook PAUSE_ENV is read here)."""
     names = {f.name for f in fields(TrainConfig)}
@@ -689,18 +612,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train the DeViSE head with Ray Train (resumes when rerun)"
-    )
-    add_train_args(p)
-    p.set_defaults(func=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        result = train(config_from_args(args))
+def run_cli(args: argparse.Namespace) -> int:
+    """`devise train` (flags: devise/commands/train.py)."""
+    result = train(config_from_args(args))  # what it prints: devise.console
     print(f"Run directory: {result.run_dir}")
     return 0

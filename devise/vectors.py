@@ -20,6 +20,8 @@ from typing import IO
 
 import numpy as np
 
+from devise.errors import DeviseError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_VECTORS = "glove-100d"
@@ -32,7 +34,7 @@ _SUGGEST_MAX_CANDIDATES = 100_000
 _SUGGEST_FREQUENT = 50_000
 
 
-class UnknownWordError(KeyError):
+class UnknownWordError(DeviseError, KeyError):
     """A word or phrase none of whose tokens has a vector; carries the query and close spellings."""
 
     def __init__(self, query: str, suggestions: Sequence[str] = (), vectors_id: str = "") -> None:
@@ -55,7 +57,7 @@ class UnknownWordError(KeyError):
         )
 
 
-class VectorFileError(ValueError):
+class VectorFileError(DeviseError, ValueError):
     """A word-vector file that is missing, unreadable or holds no valid line."""
 
 

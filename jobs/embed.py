@@ -12,7 +12,7 @@ import devise.cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return devise.cli.main(["embed", *(sys.argv[1:] if argv is None else argv)])
+    return devise.cli.main(argv, prog="python jobs/embed.py", command="embed")
 
 
 if __name__ == "__main__":

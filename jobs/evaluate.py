@@ -1,6 +1,6 @@
 """Ray job: the paper-style evaluation report (same flags as `devise evaluate`).
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --model RUN/model --catalog C --out R
+ray job submit --working-dir . -- python jobs/evaluate.py --model RUN/model --catalog C --out R
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import devise.cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return devise.cli.main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+    return devise.cli.main(argv, prog="python jobs/evaluate.py", command="evaluate")
 
 
 if __name__ == "__main__":

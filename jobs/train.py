@@ -18,7 +18,7 @@ import devise.cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    return devise.cli.main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return devise.cli.main(argv, prog="python jobs/train.py", command="train")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from PIL import Image
 
 from devise import assets
 from devise.assets import AssetError
+from devise.commands import assets as assets_command
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
@@ -246,7 +247,7 @@ def test_missing_apt_says_pass_a_data_root(home, monkeypatch):
 
 def run_cli(argv):
     parser = argparse.ArgumentParser(prog="devise")
-    assets.add_cli(parser.add_subparsers(dest="command"))
+    assets_command.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from devise import cli
-from devise.embed import embedding_matrix, read_manifest, read_version
 from devise.model import DeviseHead, HeadSpec, save_model
+from devise.store import embedding_matrix, read_manifest, read_version
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,35 @@ def test_write_catalog_is_atomic(image_tree, tmp_path):
     out = write_catalog(build_catalog(image_tree), tmp_path / "c.parquet")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert len(pd.read_parquet(out)) == 30
+
+
+def test_odd_file_names_are_recorded_and_skipped_and_the_rest_catalogued(
+    image_tree, tmp_path, capsys
+):
+    """A name that is not UTF-8 and one holding a newline (and an escape) are listed with a
+    reason in OUT.skipped.parquet; every other image is catalogued; output stays one line each."""
+    from conftest import make_image
+
+    cat_dir = os.fsencode(image_tree / "cat")
+    latin1 = os.fsdecode(cat_dir + b"/caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    make_image(Path(latin1), 1)
+    make_image(image_tree / "dog" / "two\nlines\x1b[31m.png", 2)
+    bad_class = os.fsdecode(os.fsencode(image_tree) + b"/b\xf6at")
+    make_image(Path(bad_class) / "img.png", 3)
+    out = tmp_path / "cat.parquet"
+    rc = cli_main(["catalog", str(image_tree), "--out", str(out)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("Wrote ") and ": 30 images, 5 classes" in stdout
+    assert len(stdout.splitlines()) == 2 and "\x1b" not in stdout
+    assert "Skipped 3 file(s) whose names cannot be catalogued" in stdout
+    df = read_catalog(out)
+    assert len(df) == 30 and all("\n" not in p for p in df["path"])
+    skipped = pd.read_parquet(tmp_path / "cat.skipped.parquet")
+    assert len(skipped) == 3
+    by_bytes = dict(zip(skipped["path_bytes"], skipped["reason"]))
+    assert "not valid UTF-8" in by_bytes[os.fsencode(latin1)]
+    newline = os.fsencode(image_tree / "dog" / "two\nlines\x1b[31m.png")
+    assert "control character" in by_bytes[newline]
+    assert "class folder skipped" in by_bytes[os.fsencode(bad_class)]
+    assert any(p.endswith("two\\nlines\\x1b[31m.png") for p in skipped["path"])

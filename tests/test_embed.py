@@ -23,15 +23,16 @@ import torch
 from PIL import Image
 
 from devise import cli
-from devise.embed import (
+from devise.embed import EmbedConfig, embed
+from devise.model import DeviseHead, HeadSpec, model_id, save_model
+from devise.search import EmbeddingIndex
+from devise.store import (
     CURRENT_FILE,
     LOCK_FILE,
     STAGING_DIR,
     VERSIONS_DIR,
-    EmbedConfig,
     EmbedLock,
     LockHeldError,
-    embed,
     embedding_matrix,
     list_versions,
     plan_run,
@@ -39,8 +40,6 @@ from devise.embed import (
     read_parquet_meta,
     read_version,
 )
-from devise.model import DeviseHead, HeadSpec, model_id, save_model
-from devise.search import EmbeddingIndex
 
 WORDS = ["cat", "dog", "car", "ship", "ankle", "boot", "shoe", "bridge", "kitten", "the"]
 CLASSES = ["cat", "dog", "car", "ship"]

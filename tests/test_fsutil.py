@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from devise.fsutil import atomic_path
+from devise.fsutil import atomic_dir, atomic_path, printable
 
 
 def test_atomic_path_replaces_whole_file_with_normal_mode(tmp_path):
@@ -29,3 +29,22 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "version"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "part.parquet").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "part.parquet").write_text("whole")
+        assert not target.exists()
+    assert (target / "part.parquet").read_text() == "whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["version"]
+
+
+def test_printable_escapes_control_characters_and_bytes_that_are_not_utf8():
+    assert printable("a\nb\tc\x1b[31m") == "a\\nb\\tc\\x1b[31m"
+    assert printable(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
+    assert printable("café.png") == "café.png"

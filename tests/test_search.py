@@ -12,16 +12,10 @@ import torch
 from PIL import Image
 
 from devise import cli
-from devise.embed import (
-    CURRENT_FILE,
-    STAGING_DIR,
-    VERSIONS_DIR,
-    EmbedConfig,
-    embed,
-    write_version,
-)
+from devise.embed import EmbedConfig, embed
 from devise.model import DeviseHead, HeadSpec, save_model
 from devise.search import EmbeddingIndex, montage, query_vector, search_text, top_k
+from devise.store import CURRENT_FILE, STAGING_DIR, VERSIONS_DIR, Store
 from devise.vectors import load_vectors
 
 WORDS = ["cat", "dog", "car", "ship", "ankle", "boot", "shoe", "bridge", "kitten", "the"]
@@ -60,8 +54,7 @@ def emb_dir(tmp_path, vec_file, word_vectors):
     import pandas as pd
 
     out = tmp_path / "emb"
-    write_version(
-        out,
+    Store.open(out, create=True).write_version(
         pd.DataFrame(rows),
         np.stack(embs),
         model_id="synthetic",
@@ -149,8 +142,9 @@ def test_mismatched_vectors_are_refused(emb_dir, tmp_path, capsys):
     wide = tmp_path / "wide.vec"
     write_vec(wide, WORDS, dim=16, seed=1)
     rc = cli.main(["search", "cat", "--embeddings", str(emb_dir), "--vectors", str(wide)])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "8-d" in err and "16-d" in err
+    err = capsys.readouterr().err.strip()  # after a line saying the new table is converted
+    assert rc == 2 and err.splitlines()[-1].startswith("devise search: error:")
+    assert err.count("error:") == 1 and "8-d" in err and "16-d" in err
     other = tmp_path / "other.vec"
     write_vec(other, WORDS, dim=8, seed=7)
     rc = cli.main(["search", "cat", "--embeddings", str(emb_dir), "--vectors", str(other)])
@@ -180,8 +174,7 @@ def test_readers_never_see_staged_or_uncommitted_data(emb_dir, word_vectors):
     # A second commit switches readers to it as a whole; the first version stays readable.
     import pandas as pd
 
-    write_version(
-        emb_dir,
+    Store.open(emb_dir).write_version(
         pd.DataFrame({"path": ["/x/a.png", "/x/b.png"]}),
         _unit(np.ones((2, 8))),
         model_id="m2",

@@ -44,7 +44,7 @@ def _argv(inputs: dict, out: Path, *extra: str) -> list[str]:
         "--catalog", str(inputs["catalog"]), "--out", str(out), "--vectors", str(inputs["vectors"]),
         "--backbone", "tiny", "--image-size", "32", "--batch-size", "8", "--lr", "0.01",
         "--num-workers", "2", "--cpus-per-worker", "0.5", "--embed-workers", "1",
-        "--decode-cpus", "0.5", "--feature-cache", str(inputs["cache"]), *extra,
+        "--decode-cpus", "0.5", "--feature-cache", str(inputs["cache"]), "--head", "mlp", *extra,
     ]  # fmt: skip
 
 
@@ -52,8 +52,10 @@ def _config(inputs: dict, out: Path, **kw) -> T.TrainConfig:
     import argparse
     import dataclasses
 
+    from devise.commands.train import add_train_args
+
     p = argparse.ArgumentParser()
-    T.add_train_args(p)
+    add_train_args(p)
     return dataclasses.replace(T.config_from_args(p.parse_args(_argv(inputs, out))), **kw)
 
 
@@ -82,7 +84,10 @@ def test_user_errors_are_one_sentence(tiny_inputs: dict, tmp_path: Path, capsys)
     code = _load_job().main(_argv(tiny_inputs, tmp_path / "run", "--loss", "hinge"))
     assert code == 2
     err = capsys.readouterr().err
-    assert err.strip() == "devise train: error: Unknown loss 'hinge'; choose 'rank' or 'cosine'."
+    assert (
+        err.strip()
+        == "python jobs/train.py: error: Unknown loss 'hinge'; choose 'rank' or 'cosine'."
+    )
 
 
 def test_select_rows_and_training_classes(tiny_inputs: dict) -> None:

@@ -1,0 +1,41 @@
+"""`devise search`: words, phrases or an image against the embeddings store."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search embedded images by words, phrases or an image",
+        description="Exact cosine top-k over the current version of an embeddings folder.",
+    )
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
+    p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
+    p.add_argument("--image", help="search with an image instead of words")
+    p.add_argument(
+        "--include-self",
+        action="store_true",
+        help="with --image: keep the query image in the results when it is indexed itself",
+    )
+    p.add_argument(
+        "--words",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --image: also show the N class names nearest to the image",
+    )
+    p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
+    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
+    p.add_argument("--version", help="search this version instead of the current one")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from devise.search import run_cli
+
+    return run_cli(args)

@@ -1,0 +1,325 @@
+"""The command line itself: cheap parser, every default shown, one error type, one resource
+rule, jobs named in their help, and Ray that starts or says why within seconds."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from devise import cli
+from devise.errors import DeviseError
+from devise.runtime import RayUnavailableError, Resources, ray_address, resolve_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "ray", "numpy", "pandas", "pyarrow", "torchvision")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_building_the_parser_imports_neither_torch_nor_ray():
+    code = (
+        "import json, sys; from devise import cli; cli.build_parser(); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{HEAVY!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    parser = cli.build_parser()
+    missing = []
+    for name, sub in _subparsers(parser).items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            if action.default in (None, False, argparse.SUPPRESS):
+                continue
+            if "default" not in formatter._get_help_string(action):
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert missing == []
+    assert "--epochs EPOCHS training epochs (default: 10)" in " ".join(
+        _subparsers(parser)["train"].format_help().split()
+    )
+
+
+def test_num_workers_is_the_ray_workers_of_each_ray_stage():
+    subs = _subparsers(cli.build_parser())
+    for name in ("train", "embed", "evaluate", "demo"):
+        group = next(g for g in subs[name]._action_groups if g.title == "Ray resources")
+        flags = {s for a in group._group_actions for s in a.option_strings}
+        assert {"--num-workers", "--cpus-per-worker", "--address"} <= flags, name
+    assert "--local" in {s for a in subs["embed"]._actions for s in a.option_strings}
+
+
+def test_parser_defaults_agree_with_the_library():
+    from devise import demo, store
+    from devise.commands import embed as embed_cmd
+    from devise.training import TrainConfig
+
+    subs = _subparsers(cli.build_parser())
+    assert embed_cmd.DEFAULT_CHUNK_ROWS == store.DEFAULT_CHUNK_ROWS
+    assert embed_cmd.DEFAULT_KEEP_VERSIONS == store.DEFAULT_KEEP_VERSIONS
+    assert embed_cmd.DEFAULT_MAX_ERROR_FRACTION == store.DEFAULT_MAX_ERROR_FRACTION
+    assert subs["demo"].get_default("holdout") == list(demo.DEFAULT_HOLDOUT)
+    # One default head for train, the demo and the library.
+    assert subs["train"].get_default("head") == subs["demo"].get_default("head")
+    assert subs["train"].get_default("head") == TrainConfig.head == "linear"
+
+
+@pytest.mark.parametrize("job", ["train", "embed", "evaluate", "search"])
+def test_a_job_help_names_the_job(job):
+    out = subprocess.run(
+        [sys.executable, f"jobs/{job}.py", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: python jobs/{job}.py ")
+
+
+def test_every_user_error_class_is_a_devise_error():
+    classes = {
+        "devise.assets": "AssetError",
+        "devise.backbones": "BackboneError",
+        "devise.catalog": "CatalogError",
+        "devise.evaluate": "EvalError",
+        "devise.features": "FeatureError",
+        "devise.images": "ImageDecodeError",
+        "devise.search": "SearchError",
+        "devise.store": "EmbedError",
+        "devise.training": "TrainError",
+        "devise.vectors": "VectorFileError",
+    }
+    for module, name in classes.items():
+        assert issubclass(getattr(importlib.import_module(module), name), DeviseError), name
+    from devise.store import LockHeldError
+    from devise.vectors import UnknownWordError
+
+    assert issubclass(UnknownWordError, DeviseError) and LockHeldError.EXIT_CODE == 75
+
+
+def test_a_devise_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatch):
+    class Skipped(DeviseError):
+        EXIT_CODE = 75
+
+    def boom(args):
+        raise Skipped("Another run holds the lock; try later.")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda *a, **k: parser)
+    _subparsers(parser)["catalog"].set_defaults(func=boom)
+    assert cli.main(["catalog", str(tmp_path), "--out", str(tmp_path / "c.parquet")]) == 75
+    err = capsys.readouterr().err
+    assert err == "devise catalog: error: Another run holds the lock; try later.\n"
+
+
+def test_resources_resolve_one_way_for_the_cluster_size():
+    small = resolve_resources(Resources(num_workers=2), total_cpus=2)
+    assert (small.cpus_per_worker, small.decode_cpus) == (0.5, 0.5)
+    big = resolve_resources(Resources(num_workers=2), total_cpus=64)
+    assert (big.cpus_per_worker, big.decode_cpus) == (1.0, 1.0)
+    given = resolve_resources(Resources(4, cpus_per_worker=3.0, decode_cpus=0.25), total_cpus=2)
+    assert (given.cpus_per_worker, given.decode_cpus, given.num_workers) == (3.0, 0.25, 4)
+    with pytest.raises(DeviseError, match="--num-workers"):
+        resolve_resources(Resources(num_workers=0), total_cpus=2)
+
+
+# --- Joining Ray -----------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the with-block ends: nothing listens there
+
+
+def test_ray_address_sources_in_rays_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) == (None, "no cluster recorded")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1234\n")
+    addr, source = ray_address(None)
+    assert addr == "127.0.0.1:1234" and "current-cluster file" in source
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert ray_address(None) == ("10.0.0.1:6379", "RAY_ADDRESS")
+    assert ray_address("10.0.0.2:6379") == ("10.0.0.2:6379", "--address")
+    assert ray_address("local") == (None, "--address local")
+
+
+def _embed_cli(tmp_path, env, *extra):
+    args = ["--model", str(tmp_path / "model"), "--images", str(tmp_path), "--out"]
+    cmd = [sys.executable, "-m", "devise", "embed", *args, str(tmp_path / "emb"), *extra]
+    t0 = time.monotonic()
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=60, check=False
+    )
+    return out, time.monotonic() - t0
+
+
+def test_a_dead_recorded_cluster_fails_in_one_line_within_15_s(tmp_path):
+    """A head killed without `ray stop` leaves its address in Ray's current-cluster file; a
+    stage says so instead of blocking in ray.init()."""
+    port = _closed_port()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)
+    out, seconds = _embed_cli(tmp_path, env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == RayUnavailableError.EXIT_CODE, out.stderr
+    assert seconds < 15 and len(lines) == 1, out.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "current-cluster file" in lines[0]
+    assert "--address local" in lines[0]
+
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    out, seconds = _embed_cli(tmp_path, env)
+    assert out.returncode == RayUnavailableError.EXIT_CODE and seconds < 15
+    assert "from RAY_ADDRESS" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# --- Output ----------------------------------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_sparse_lines_otherwise(monkeypatch):
+    from devise import console
+
+    console.configure(console.NORMAL)
+    batches = [{"path": list(range(10))} for _ in range(5)]
+    tty = _Stream(tty=True)
+    assert list(console.progress(iter(batches), 50, "embedding", stream=tty)) == batches
+    assert "50/50" in tty.text and "img/s" in tty.text
+    log = _Stream(tty=False)
+    list(console.progress(iter(batches), 50, "embedding", stream=log))
+    assert log.text == ""  # a fast stage prints no progress line at all
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+    list(console.progress(iter(batches), 50, "embedding", stream=log))
+    lines = log.text.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("embedding: 10/50 img (")
+    assert "\x1b" not in log.text and "ETA" in lines[0]
+    console.configure(console.QUIET)
+    quiet = _Stream(tty=True)
+    list(console.progress(iter(batches), 50, "embedding", stream=quiet))
+    assert quiet.text == ""
+    console.configure(console.NORMAL)
+
+
+def test_worker_noise_is_told_from_our_lines():
+    from devise.console import is_noise
+
+    assert not is_noise("epoch 3/15  train_loss 0.1234  test_loss 0.2  hit@1 0.870")
+    assert not is_noise("Resuming from the checkpoint of epoch 2.")
+    for line in (
+        "/x/site-packages/ray/data/_internal/x.py:12: DeprecationWarning: use y",
+        "  warnings.warn(",
+        "[2026-11-30 10:00:01,123 E 123 456] core_worker.cc:512: constructor arguments",
+        "2026-11-30 10:00:01,123\tINFO worker.py:1821 -- Started a local Ray instance.",
+        "tqdm is not installed. Progress bars will be disabled.",
+        "Total Progress: 0/?",
+    ):
+        assert is_noise(line), line
+
+
+@pytest.mark.timeout(300)
+def test_a_ray_stage_not_on_a_terminal_prints_no_ansi_codes_and_no_ray_info(tmp_path):
+    """`devise embed` on Ray with output to pipes: our lines only, no colour codes."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from conftest import write_vec
+    from PIL import Image
+
+    from devise.model import DeviseHead, HeadSpec, save_model
+    from devise.vectors import load_vectors
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DEVISE_HOME"] = str(tmp_path / "home")
+    os.environ["DEVISE_HOME"], old = env["DEVISE_HOME"], os.environ.get("DEVISE_HOME")
+    try:
+        vec = tmp_path / "tiny.vec"
+        write_vec(vec, ["cat", "dog", "car", "ship"], dim=8, seed=1)
+        wv = load_vectors(vec)
+    finally:
+        os.environ.pop("DEVISE_HOME") if old is None else os.environ.update(DEVISE_HOME=old)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in ("cat", "dog"):
+        for i in range(4):
+            path = tmp_path / "images" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+            rows.append({"path": str(path), "label": name, "class_name": name, "split": "test"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "catalog.parquet")
+    torch.manual_seed(0)
+    spec = HeadSpec(
+        in_dim=64, out_dim=8, backbone="tiny", image_size=32, vectors=str(vec),
+        vectors_id=wv.vectors_id, class_names=["cat", "dog"],
+    )  # fmt: skip
+    model = save_model(tmp_path / "model", DeviseHead(spec).eval())
+    cmd = [
+        sys.executable, "-m", "devise", "embed", "--model", str(model), "--catalog",
+        str(tmp_path / "catalog.parquet"), "--out", str(tmp_path / "emb"), "--batch-size", "4",
+        "--num-workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5",
+        "--address", "local",
+    ]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280, check=False
+    )
+    both = out.stdout + out.stderr
+    assert out.returncode == 0, both
+    assert "Committed " in out.stdout and "8 images embedded" in out.stdout
+    assert "\x1b[" not in both
+    assert not [line for line in both.splitlines() if " INFO " in line or "\tINFO " in line]
+    assert "Warning" not in both and "Total Progress" not in both, both
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [(-1, set()), (0, {"stage"}), (1, {"stage", "ray-info", "deprecated"})],
+)
+def test_verbosity_decides_whose_lines_are_shown(level, shown):
+    code = (
+        "import logging, warnings; from devise import console; "
+        f"console.configure({level}); "
+        "logging.getLogger('devise.embed').info('stage'); "
+        "logging.getLogger('ray.data').info('ray-info'); "
+        "warnings.warn('deprecated', DeprecationWarning, stacklevel=1)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    words = {"stage", "ray-info", "deprecated"}
+    assert {w for w in words if w in out.stderr} == shown
