@@ -39,7 +39,7 @@ def make_folder(root: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, l
     """root/words.vec (WORDS words) and root/emb (one version of `rows` unit rows near them)."""
     import pandas as pd
 
-    from devise.embed import write_version
+    from devise.store import Store
     from devise.vectors import load_vectors
 
     rng = np.random.default_rng(seed)
@@ -64,8 +64,7 @@ def make_folder(root: Path, rows: int, dim: int, seed: int = 0) -> tuple[Path, l
     frame = pd.DataFrame(
         {"path": [f"/images/{i // 1000:04d}/{i}.jpg" for i in range(rows)], "label": None}
     )
-    write_version(
-        emb,
+    Store.open(emb, create=True).write_version(
         frame,
         np.concatenate(mats),
         model_id="bench",

@@ -20,9 +20,9 @@ def make_searchable(root: Path, per_class: int = 4) -> dict:
 
     from devise.api import _ImageEncoder
     from devise.backbones import backbone_info, load_backbone, prepare_transform
-    from devise.embed import write_version
     from devise.images import decode_image
     from devise.model import DeviseHead, HeadSpec, model_id, save_model
+    from devise.store import Store
     from devise.vectors import load_vectors
 
     vec_file = root / "tiny.vec"
@@ -57,8 +57,7 @@ def make_searchable(root: Path, per_class: int = 4) -> dict:
     model = save_model(root / "model", head)
     embeddings = _ImageEncoder(model)(paths)
     emb = root / "emb"
-    write_version(
-        emb,
+    Store.open(emb, create=True).write_version(
         pd.DataFrame({"path": paths, "label": labels, "class_name": labels}),
         embeddings,
         model_id=model_id(model),

@@ -85,7 +85,7 @@ def test_bad_queries_are_one_clear_error(data, tmp_path):
 
 def test_reopen_follows_current_and_keeps_loaded_encoders(data, tmp_path):
     from devise import Index
-    from devise.embed import write_version
+    from devise.store import Store
 
     emb = tmp_path / "emb"
     shutil.copytree(data["emb"], emb)
@@ -94,8 +94,7 @@ def test_reopen_follows_current_and_keeps_loaded_encoders(data, tmp_path):
     assert index.reopen() is index
     old = Index.open(emb)
     m = old._base.manifest
-    write_version(
-        emb,
+    Store.open(emb, create=True).write_version(
         pd.DataFrame({"path": data["paths"][:3], "label": ["cat"] * 3}),
         old._base.matrix[:3],
         model_id=m["model_id"],

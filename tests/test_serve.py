@@ -199,7 +199,7 @@ def test_replicas_switch_to_a_new_version_without_failed_or_mixed_requests(servi
     import pandas as pd
 
     from devise import Index
-    from devise.embed import write_version
+    from devise.store import Store
 
     old = Index.open(service["emb"])
     new_paths = [p for p in service["paths"] if "/dog/" in p or "/cat/" in p]  # 8 rows
@@ -230,8 +230,7 @@ def test_replicas_switch_to_a_new_version_without_failed_or_mixed_requests(servi
     for t in clients:
         t.start()
     time.sleep(2.0)
-    new_version = write_version(
-        service["emb"],
+    new_version = Store.open(service["emb"], create=True).write_version(
         pd.DataFrame({"path": new_paths, "label": [p.split("/")[-2] for p in new_paths]}),
         old._base.matrix[[rows[p] for p in new_paths]],
         model_id=m["model_id"],
