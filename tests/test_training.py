@@ -140,7 +140,7 @@ def test_plot_losses_writes_png(tmp_path: Path) -> None:
 
 def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> None:
     """A tuned Lite0 saved by training loads with load_backbone(weights=...) unchanged."""
-    from devise.backbones import load_backbone
+    from devise.backbones import export_weights, load_backbone
 
     try:
         fb = load_backbone("efficientnet_lite0")
@@ -150,7 +150,7 @@ def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> No
     with torch.no_grad():
         params[0].add_(0.5)
     path = tmp_path / "backbone.pt"
-    torch.save(T._export_backbone("efficientnet_lite0", None, fb.state_dict()), path)
+    torch.save(export_weights(fb), path)
     again = load_backbone("efficientnet_lite0", path)
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
