@@ -157,6 +157,101 @@ def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> No
         torch.testing.assert_close(again(x), fb(x))
 
 
+def test_training_on_one_class_is_refused(tiny_inputs: dict, tmp_path: Path, capsys) -> None:
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    one = tmp_path / "one_class.parquet"
+    df.assign(split=np.where(df["label"] == "cat", df["split"], "unseen")).to_parquet(one)
+    code = _load_job().main(_argv({**tiny_inputs, "catalog": one}, tmp_path / "run"))
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "devise train: error: Only one training class (cat) has a word vector; training needs "
+        "at least two (check --holdout and the vectors)."
+    )
+
+
+class _Shell:
+    """A pickled callable: unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_checkpoint_carrying_code_is_refused_and_never_run(
+    tiny_inputs: dict, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    config = _config(tiny_inputs, out)
+    ckpt = out / "checkpoints" / T.run_name(config) / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    state = ckpt / train_loops.STATE_FILE
+    torch.save({"epoch": 1, "head": _Shell(f"touch {marker}")}, state)
+
+    with pytest.raises(train_loops.CheckpointError, match="pickled code"):
+        train_loops.read_state(state)
+    code = _load_job().main(_argv(tiny_inputs, out))
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"devise train: error: Checkpoint {state} holds more than tensors (pickled code) and "
+        "was refused; delete it or pass a new --out."
+    )
+    assert not marker.exists()
+    # The file really carries code: the unsafe load the project no longer does runs it.
+    torch.load(state, weights_only=False)
+    assert marker.exists()
+
+
+def test_restore_loads_modules_optimizer_and_grad_scaler() -> None:
+    """The one resume step both batch sources share, GradScaler included."""
+    head = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    head(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = {
+        "epoch": 4,
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    assert train_loops.restore(state, {"head": fresh}, fresh_opt, fresh_scaler) == 5
+    assert torch.equal(fresh.weight, head.weight)
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
+    assert fresh_scaler.get_scale() == 1024.0
+    assert train_loops.restore(None, {"head": fresh}, fresh_opt, fresh_scaler) == 1
+
+
+def test_loop_config_is_typed_and_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    """The driver hands workers a dataclass; a worker's checkpoint state (optimizer, scaler,
+    spec) round-trips through torch.load(weights_only=True)."""
+    import dataclasses
+
+    assert dataclasses.is_dataclass(train_loops.LoopConfig)
+    head = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(head.parameters())
+    head(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {
+        "epoch": 1,
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu").state_dict(),
+        "spec": {"in_dim": 3, "class_keys": ["a"], "backbone_weights": None},
+    }
+    torch.save(state, tmp_path / "state.pt")
+    again = train_loops.read_state(tmp_path / "state.pt")
+    assert again["epoch"] == 1 and again["spec"] == state["spec"]
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:200])
+    with pytest.raises(train_loops.CheckpointError, match="cut.pt cannot be read"):
+        train_loops.read_state(tmp_path / "cut.pt")
+
+
 # --------------------------------------------------------------------------------------------
 # Ray Train fits (each ~20-60 s here)
 
@@ -227,6 +322,49 @@ def test_two_worker_training_end_to_end_survives_kill(
     # A rerun with other settings into the same RUN_DIR is refused, outputs untouched.
     with pytest.raises(T.TrainError, match="other settings"):
         T.train(_config(tiny_inputs, out, lr=0.5))
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
+    tiny_inputs: dict, tmp_path: Path, ray_session
+):
+    """SIGTERM one second after epoch 1's checkpoint: the job stops within 10 s with exit code
+    143 and one line (no C-level abort), and the same command resumes at epoch 2."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_inputs, out, "--epochs", "3")
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *argv, "--address", address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not T.read_metrics(out) and proc.poll() is None:
+            time.sleep(0.5)
+        assert [m["epoch"] for m in T.read_metrics(out)] == [1], proc.poll()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        stdout, stderr = proc.communicate(timeout=60)
+        stopped_s = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "devise train: error: Stopped by SIGTERM after epoch 1; rerun the same command to "
+        "resume from the latest checkpoint."
+    )
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    assert stopped_s < 10, stopped_s
+    assert not (out / "model").exists()
+
+    assert _load_job().main([*argv, "--address", address]) == 0
+    metrics = T.read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed from epoch 1's checkpoint
 
 
 @pytest.mark.timeout(300)
