@@ -24,7 +24,11 @@ STATE_FILE = "state.pt"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot or must not be loaded; str() names the file."""
+    """A checkpoint that cannot be loaded; str() names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that carries more than tensors (pickled code): refused, never run."""
 
 
 @dataclass
@@ -123,8 +127,12 @@ def read_state(path: str | Path) -> dict:
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged (truncated pickle); delete it."
+            ) from None
+        raise UnsafeCheckpointError(
             f"Checkpoint {path} holds more than tensors (pickled code) and was refused; "
             "delete it or pass a new --out."
         ) from None

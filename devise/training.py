@@ -20,7 +20,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from devise.train_loops import (
     LoopConfig,
     OnlineImages,
     Rows,
+    UnsafeCheckpointError,
     load_state,
     read_state,
     train_loop,
@@ -373,21 +374,19 @@ def _resources(config: TrainConfig) -> tuple[float, float, float]:
 
 
 def latest_checkpoint(storage: str, name: str) -> Path | None:
-    """The newest epoch_* folder of a run in local storage, after reading every checkpoint of
-    the run as plain tensors (TrainError naming a file that carries code or is damaged)."""
+    """The newest intact epoch_* folder of a run in local storage. Every checkpoint is read as
+    plain tensors first: one carrying code stops the run (TrainError naming the file); a
+    damaged one (a copy cut short by a kill) is skipped with a warning."""
     if "://" in storage:
         return None  # remote storage: Ray Train restores from its own record
     found = []
     for d in sorted((Path(storage) / name).glob("epoch_*")):
-        if (d / STATE_FILE).exists():
-            try:
-                found.append((int(read_state(d / STATE_FILE)["epoch"]), d))
-            except (CheckpointError, KeyError, TypeError) as e:
-                raise TrainError(
-                    str(e)
-                    if isinstance(e, CheckpointError)
-                    else f"{d} is not a devise checkpoint; delete it."
-                ) from None
+        try:
+            found.append((int(read_state(d / STATE_FILE)["epoch"]), d))
+        except UnsafeCheckpointError as e:
+            raise TrainError(str(e)) from None
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("Skipping checkpoint %s: %s", d, e)
     return max(found)[1] if found else None
 
 
@@ -456,29 +455,31 @@ def plot_losses(metrics: list[dict], out: str | os.PathLike) -> Path | None:
     return out
 
 
-@contextmanager
-def _stop_on_signals():
-    """SIGTERM and Ctrl-C end the run cleanly: before Ray Train runs, at once; while it runs,
-    through Ray Train's own graceful abort (its SIGINT handler), so checkpoints stay intact.
-    Yields a dict holding the signal number received, if any."""
-    got: dict = {}
+class _StopOnSignals:
+    """SIGTERM and Ctrl-C end a run cleanly: before Ray Train runs, at once (TrainStopped);
+    while it runs, through Ray Train's own graceful abort (its SIGINT handler), so checkpoints
+    stay intact. install() again after ray.init, which sets a SIGTERM handler of its own
+    (sys.exit inside Ray's threads: a C-level abort, exit code 134)."""
 
-    def handler(signum, frame):
-        got.setdefault("signum", signum)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.before: dict = {}
+
+    def handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
         ray_handler = signal.getsignal(signal.SIGINT)
-        if ray_handler is not handler and callable(ray_handler):
+        if ray_handler != self.handler and callable(ray_handler):
             ray_handler(signal.SIGINT, frame)  # Ray Train is running: abort it gracefully
             return
         raise TrainStopped(signum)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield got
-    finally:
-        for s, h in before.items():
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.before.setdefault(s, signal.signal(s, self.handler))
+
+    def restore(self) -> None:
+        for s, h in self.before.items():
             signal.signal(s, h)
 
 
@@ -489,18 +490,21 @@ def train(config: TrainConfig) -> TrainResult:
     the same config continues from the latest checkpoint; a finished run returns at once.
     SIGTERM or Ctrl-C raise TrainStopped (exit code 143 or 130), leaving resumable checkpoints.
     """
-    with _stop_on_signals() as got:
-        try:
-            return _train(config)
-        except TrainStopped as e:
-            raise TrainStopped(got.get("signum", e.signum), e.epoch) from None
-        except BaseException:
-            if got:  # Ray Train's abort surfaced as another error
-                raise TrainStopped(got["signum"]) from None
-            raise
+    stop = _StopOnSignals()
+    stop.install()
+    try:
+        return _train(config, stop.install)
+    except TrainStopped as e:
+        raise TrainStopped(stop.signum or e.signum, e.epoch) from None
+    except BaseException:
+        if stop.signum:  # Ray Train's abort surfaced as another error
+            raise TrainStopped(stop.signum) from None
+        raise
+    finally:
+        stop.restore()
 
 
-def _train(config: TrainConfig) -> TrainResult:
+def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -539,6 +543,7 @@ def _train(config: TrainConfig) -> TrainResult:
         storage = str(Path(storage).expanduser().resolve())
     resume = latest_checkpoint(storage, name)
     init_ray(config.address)
+    after_ray_init()
     cpus, embed_cpus, decode_cpus = _resources(config)
 
     if config.mode == "cached":

@@ -125,12 +125,13 @@ def test_cli_with_a_truncated_head_exits_2_with_one_line(tmp_path):
     weights = model / "head.pt"
     weights.write_bytes(weights.read_bytes()[:100])
     repo = Path(__file__).resolve().parents[1]
-    argv = ["evaluate", "--model", str(model), "--catalog", str(tmp_path / "c.parquet")]
+    (tmp_path / "images").mkdir()
+    argv = ["embed", "--local", "--model", str(model), "--images", str(tmp_path / "images")]
     proc = subprocess.run(
         [sys.executable, "-m", "devise", *argv, "--out", str(tmp_path / "out")],
         check=False, cwd=repo, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("devise evaluate: error: Model weights ")
+    assert len(lines) == 1 and lines[0].startswith("devise embed: error: Model weights ")
     assert str(weights) in lines[0]
