@@ -1,4 +1,6 @@
-"""Frozen ImageNet backbones by name: weights (offline only), transforms and feature sizes."""
+"""Frozen ImageNet backbones: a registry with one entry per backbone (network, feature size,
+image size, the block --unfreeze-last trains, export of tuned weights, where its weights come
+from; offline only). Adding a backbone is one register(Backbone(...)) call."""
 
 from __future__ import annotations
 
