@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -250,6 +251,108 @@ def test_loop_config_is_typed_and_checkpoints_load_weights_only(tmp_path: Path) 
     (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:200])
     with pytest.raises(train_loops.CheckpointError, match="cut.pt cannot be read"):
         train_loops.read_state(tmp_path / "cut.pt")
+
+
+class _FakeTrain:
+    """Stands in for ray.train inside one worker: shards from arrays, reports kept in memory
+    (each checkpoint's state read back weights_only), so the loop runs in-process in seconds."""
+
+    def __init__(self, shards: dict, checkpoint_dir: Path | None = None) -> None:
+        self.shards = shards
+        self.checkpoint_dir, self.metrics, self.states = checkpoint_dir, [], []
+
+    def install(self, monkeypatch) -> None:
+        import contextlib
+
+        import ray.train
+        import ray.train.torch
+
+        fake = self
+
+        class Shard:
+            def __init__(self, batch):
+                self.batch = batch
+
+            def iter_batches(self, **kw):
+                yield self.batch
+
+        class Ckpt:
+            def __init__(self, d):
+                self.d = d
+
+            @contextlib.contextmanager
+            def as_directory(self):
+                yield self.d
+
+        def report(metrics, checkpoint=None, checkpoint_dir_name=None):
+            fake.metrics.append(metrics)
+            if checkpoint is not None:
+                fake.states.append(train_loops.read_state(Path(checkpoint.path) / "state.pt"))
+
+        ctx = type("Ctx", (), {"get_world_rank": lambda s: 0, "get_world_size": lambda s: 1})
+        monkeypatch.setattr(ray.train, "get_context", lambda: ctx())
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda n: Shard(fake.shards[n]))
+        monkeypatch.setattr(ray.train, "report", report)
+        ckpt = None if self.checkpoint_dir is None else Ckpt(self.checkpoint_dir)
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ckpt)
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m, **kw: m)
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_one_loop_skeleton_runs_and_resumes_both_sources(
+    mode: str, tiny_inputs: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """The same epoch skeleton over cached features and over images; a second run given the
+    first one's checkpoint starts at the next epoch with the saved weights."""
+    from devise.model import HeadSpec
+
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    keys = sorted(set(df.loc[df["split"] == "train", "label"]))
+    index = {k: i for i, k in enumerate(keys)}
+    classes = torch.nn.functional.normalize(torch.randn(len(keys), 8), dim=1).numpy()
+    spec = HeadSpec(in_dim=64, out_dim=8, kind="linear", backbone="tiny", image_size=32)
+
+    def rows(split):
+        part = df[(df["split"] == split) & df["label"].isin(index)]
+        return train_loops.Rows(part["path"].tolist(), [index[k] for k in part["label"]])
+
+    rng = np.random.default_rng(0)
+    shards = {
+        split: {
+            "feature": rng.normal(size=(12, 64)).astype(np.float16),
+            "target": rng.integers(0, len(keys), 12),
+        }
+        for split in ("train", "test")
+    }
+    if mode == "cached":
+        source = train_loops.CachedFeatures(mean=np.zeros(64), std=np.ones(64))
+    else:
+        source = train_loops.OnlineImages("tiny", None, 32, rows("train"), rows("test"), True)
+    cfg = train_loops.LoopConfig(
+        spec=dataclasses.asdict(spec), class_matrix=classes, source=source, epochs=2,
+        batch_size=4, lr=0.01, weight_decay=0.0, loss="rank", margin=0.1, seed=0,
+        precision="auto",
+    )  # fmt: skip
+    first = _FakeTrain(shards)
+    first.install(monkeypatch)
+    train_loops.train_loop(dataclasses.replace(cfg, epochs=1))
+    assert [m["epoch"] for m in first.metrics] == [1]
+    assert np.isfinite(first.metrics[0]["train_loss"]) and first.metrics[0]["test_count"] > 0
+    assert ("decode_errors" in first.metrics[0]) == (mode == "online")
+    assert ("backbone" in first.states[0]) == (mode == "online")  # tuned block saved
+
+    ckpt = tmp_path / "epoch_0001"
+    ckpt.mkdir()
+    torch.save(first.states[0], ckpt / train_loops.STATE_FILE)
+    second = _FakeTrain(shards, ckpt)
+    second.install(monkeypatch)
+    train_loops.train_loop(cfg)
+    assert [(m["epoch"], m["start_epoch"]) for m in second.metrics] == [(2, 2)]
+    assert (
+        second.states[0]["optimizer"]["state"][0]["step"]
+        > first.states[0]["optimizer"]["state"][0]["step"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
