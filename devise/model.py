@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 
 SPEC_FILE = "spec.json"
@@ -21,7 +22,7 @@ WEIGHTS_FILE = "head.pt"
 FORMAT_VERSION = 1
 
 
-class ModelError(ValueError):
+class ModelError(DeviseError, ValueError):
     """A saved model folder that cannot be read; str() names the file and what to do."""
 
 
