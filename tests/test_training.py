@@ -165,8 +165,8 @@ def test_training_on_one_class_is_refused(tiny_inputs: dict, tmp_path: Path, cap
     code = _load_job().main(_argv({**tiny_inputs, "catalog": one}, tmp_path / "run"))
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        "devise train: error: Only one training class (cat) has a word vector; training needs "
-        "at least two (check --holdout and the vectors)."
+        "python jobs/train.py: error: Only one training class (cat) has a word vector; "
+        "training needs at least two (check --holdout and the vectors)."
     )
 
 
@@ -196,8 +196,8 @@ def test_checkpoint_carrying_code_is_refused_and_never_run(
     code = _load_job().main(_argv(tiny_inputs, out))
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        f"devise train: error: Checkpoint {state} holds more than tensors (pickled code) and "
-        "was refused; delete it or pass a new --out."
+        f"python jobs/train.py: error: Checkpoint {state} holds more than tensors "
+        "(pickled code) and was refused; delete it or pass a new --out."
     )
     assert not marker.exists()
     # The file really carries code: the unsafe load the project no longer does runs it.
@@ -457,7 +457,7 @@ def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
             proc.communicate()
     assert proc.returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
-        "devise train: error: Stopped by SIGTERM after epoch 1; rerun the same command to "
+        "python jobs/train.py: error: Stopped by SIGTERM after epoch 1; rerun the same command to "
         "resume from the latest checkpoint."
     )
     assert "Traceback" not in stderr and "Traceback" not in stdout
