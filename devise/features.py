@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from devise.assets import devise_home
-from devise.backbones import backbone_info, torch_hub_weights_path
+from devise.backbones import backbone_info, weights_file
 from devise.console import progress
 from devise.errors import DeviseError
 from devise.fsutil import normal_mode
@@ -107,19 +107,10 @@ class FeatureSet:
 
 def weights_identity(backbone: str, weights: str | os.PathLike | None) -> dict:
     """What identifies a backbone's weights in a cache key: the resolved file's path, size and
-    mtime (the seeded test backbone has no file)."""
-    backbone_info(backbone)
-    if backbone == "tiny":
+    mtime (a backbone that needs no file, like the seeded test one, has none)."""
+    path = weights_file(backbone, weights)
+    if path is None:
         return {"file": None, "note": "seeded random"}
-    if weights is None:
-        if backbone == "efficientnet_lite0":
-            from devise import assets
-
-            path = Path(assets.efficientnet_lite0_weights())
-        else:
-            path = torch_hub_weights_path(backbone)
-    else:
-        path = Path(weights).expanduser()
     path = path.resolve()
     if not path.exists():
         raise FeatureError(f"Weights file {path} does not exist; pass --weights PATH.")

@@ -14,11 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "head.pt"
 FORMAT_VERSION = 1
+
+
+class ModelError(DeviseError, ValueError):
+    """A saved model folder that cannot be read; str() names the file and what to do."""
 
 
 @dataclass
@@ -106,22 +111,55 @@ def save_model(out_dir: str | os.PathLike, head: DeviseHead) -> Path:
 
 
 def load_spec(model_dir: str | os.PathLike) -> HeadSpec:
-    """Read a saved model's spec; one clear error when model_dir is not a saved model."""
+    """Read a saved model's spec, after checking that its weights file is intact (so a job
+    fails here, in one sentence, rather than later inside a Ray worker)."""
     path = Path(model_dir) / SPEC_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{model_dir} is not a devise model (no {SPEC_FILE}); pass the RUN_DIR/model folder "
             "written by `devise train`."
         )
-    return HeadSpec.from_dict(json.loads(path.read_text()))
+    try:
+        spec = HeadSpec.from_dict(json.loads(path.read_text()))
+        DeviseHead(spec)
+    except Exception as e:  # noqa: BLE001 -- broken JSON, wrong fields or values: one sentence
+        raise ModelError(
+            f"Model spec {path} is damaged ({type(e).__name__}); retrain with `devise train` or "
+            "restore the file."
+        ) from None
+    _read_weights(Path(model_dir) / WEIGHTS_FILE)
+    return spec
+
+
+def _read_weights(path: Path, map_location: str = "cpu") -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(
+            f"Model weights {path} are missing; retrain with `devise train`."
+        ) from None
+    except Exception as e:  # noqa: BLE001 -- truncated, foreign or code-carrying file
+        raise ModelError(
+            f"Model weights {path} cannot be read ({type(e).__name__}); the file is damaged, "
+            "retrain with `devise train` or restore it."
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelError(f"Model weights {path} are not a state_dict; retrain with `devise train`.")
+    return state
 
 
 def load_model(model_dir: str | os.PathLike, map_location: str = "cpu") -> DeviseHead:
-    """Rebuild a saved head (eval mode) from its spec and weights."""
+    """Rebuild a saved head (eval mode) from its spec and weights; ModelError (one sentence
+    naming the file) when either is damaged."""
     spec = load_spec(model_dir)
     head = DeviseHead(spec)
-    state = torch.load(Path(model_dir) / WEIGHTS_FILE, map_location=map_location, weights_only=True)
-    head.load_state_dict(state)
+    path = Path(model_dir) / WEIGHTS_FILE
+    try:
+        head.load_state_dict(_read_weights(path, map_location))
+    except RuntimeError:
+        raise ModelError(
+            f"Model weights {path} do not match {SPEC_FILE}; retrain with `devise train`."
+        ) from None
     return head.eval()
 
 

@@ -1,29 +1,89 @@
-"""Ray Train worker loops of the DeViSE head: over cached features (the default) and online, the
-notebook's way (backbone in the loop). Each runs on every DDP worker; rank 0 checkpoints."""
+"""The Ray Train worker loop of the DeViSE head: one epoch skeleton (seed, optimizer and scaler,
+steps, all-reduced metrics, checkpoint save and restore) fed by one of two batch sources:
+cached features (the default) or images through the backbone, the notebook's way."""
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from devise.backbones import backbone_info
 from devise.model import DeviseHead, HeadSpec
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; str() names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that carries more than tensors (pickled code): refused, never run."""
+
+
+@dataclass
+class Rows:
+    """Catalog rows of one split for the online source: image paths and class indices."""
+
+    paths: list[str]
+    targets: list[int]
+
+
+@dataclass
+class CachedFeatures:
+    """Batch source: the cached features, as the Train datasets "train" and "test" (columns
+    feature, target); mean and std (F,) are the training features' statistics."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass
+class OnlineImages:
+    """Batch source: decode + augment every image every epoch and run the backbone inside the
+    loop; unfreeze_last also trains the backbone's last block at backbone_lr."""
+
+    backbone: str
+    weights: str | None
+    image_size: int
+    train: Rows
+    test: Rows
+    unfreeze_last: bool = False
+    backbone_lr: float = 1e-4
+    loader_workers: int = 0
+
+
+@dataclass
+class LoopConfig:
+    """What every Train worker gets from the driver."""
+
+    spec: dict  # HeadSpec as a dict
+    class_matrix: np.ndarray  # (C, D) unit class vectors, row = target index
+    source: CachedFeatures | OnlineImages
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    loss: str
+    margin: float
+    seed: int
+    precision: str
+    pause_after_epoch: int | None = None  # test hook: rank 0 sleeps after this epoch's report
+    resume: str | None = None  # a checkpoint folder to start from when Ray's run has none
+
+
 # ---------------------------------------------------------------------------------------------
-# Worker side: shared pieces
+# Small pieces
 
 
 def _autocast(device: torch.device, precision: str):
@@ -61,18 +121,61 @@ def _hits(pred: torch.Tensor, class_matrix: torch.Tensor, targets: torch.Tensor)
     return int(match[:, 0].sum()), int(match.any(dim=1).sum())
 
 
-def _build_head(spec_dict: dict, stats: tuple | None) -> DeviseHead:
-    head = DeviseHead(HeadSpec.from_dict(spec_dict))
-    if stats is not None:
-        head.set_feature_stats(torch.tensor(np.array(stats[0])), torch.tensor(np.array(stats[1])))
-    return head
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's state.pt, loaded as plain tensors and containers only (weights_only):
+    a file carrying code is refused, never run. CheckpointError names the file otherwise."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged (truncated pickle); delete it."
+            ) from None
+        raise UnsafeCheckpointError(
+            f"Checkpoint {path} holds more than tensors (pickled code) and was refused; "
+            "delete it or pass a new --out."
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint {path} does not exist.") from None
+    except Exception as e:  # noqa: BLE001 -- truncated or foreign file: one sentence
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be read ({type(e).__name__}); it is damaged, delete it."
+        ) from None
 
 
 def load_state(checkpoint) -> dict | None:
+    """The state of a ray.train.Checkpoint (None for no checkpoint)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return read_state(Path(d) / STATE_FILE)
+
+
+def restore(state: dict | None, modules: dict[str, torch.nn.Module], opt, scaler) -> int:
+    """Load a checkpoint's state into modules (by state key), the optimizer and the GradScaler.
+
+    Returns the first epoch to run (1 without a state)."""
+    if state is None:
+        return 1
+    for key, module in modules.items():
+        if state.get(key) is not None:
+            module.load_state_dict(state[key])
+    opt.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]) + 1
+
+
+def _starting_state(resume: str | None) -> dict | None:
+    """The newer of Ray's latest checkpoint of this run and the driver's resume folder."""
+    import ray.train
+
+    states = [load_state(ray.train.get_checkpoint())]
+    if resume is not None:
+        states.append(read_state(Path(resume) / STATE_FILE))
+    states = [s for s in states if s is not None]
+    return max(states, key=lambda s: s["epoch"]) if states else None
 
 
 def _report(
@@ -93,37 +196,6 @@ def _report(
         time.sleep(600)  # test hook: keep the run alive until the test kills it
 
 
-def _print_epoch(m: dict, epochs: int) -> None:
-    print(
-        f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  "
-        f"test_loss {m['test_loss']:.4f}  hit@1 {m['test_hit1']:.3f}  "
-        f"hit@5 {m['test_hit5']:.3f}  ({m['epoch_s']:.2f}s)",
-        flush=True,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side: cached features
-
-
-def _load_shard(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read this worker's whole dataset shard once into memory (features are small and the
-    epochs many: re-streaming through Ray Data each epoch costs far more than the epoch)."""
-    import ray.train
-
-    xs, ys = [], []
-    shard = ray.train.get_dataset_shard(name)
-    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
-        xs.append(batch["feature"])
-        ys.append(batch["target"])
-    if xs:
-        x = torch.from_numpy(np.concatenate(xs))
-        y = torch.from_numpy(np.concatenate(ys).astype(np.int64))
-    else:
-        x, y = torch.zeros((0, 0), dtype=torch.float16), torch.zeros(0, dtype=torch.int64)
-    return x.to(device), y.to(device)
-
-
 def _quiet_report_logs() -> None:
     """Ray Train logs every report with all its metrics (per-batch losses included) at INFO;
     the worker's own one-line epoch summary says what a user watching the logs needs."""
@@ -132,108 +204,6 @@ def _quiet_report_logs() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def _worker_context(cfg: dict) -> tuple[int, int, torch.device]:
-    """This Train worker's (rank, world size, device); seeds torch and quiets Ray's report logs."""
-    import ray.train
-    import ray.train.torch
-
-    _quiet_report_logs()
-    ctx = ray.train.get_context()
-    torch.manual_seed(cfg["seed"])
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
-def _resume(modules: dict[str, torch.nn.Module], opt, rank: int) -> tuple[dict | None, int]:
-    """Load the latest checkpoint (if any) into modules (by state key) and the optimizer.
-
-    Returns (state or None, first epoch to run)."""
-    import ray.train
-
-    state = load_state(ray.train.get_checkpoint())
-    if state is None:
-        return None, 1
-    for key, module in modules.items():
-        if state.get(key) is not None:
-            module.load_state_dict(state[key])
-    opt.load_state_dict(state["optimizer"])
-    if rank == 0:
-        print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
-    return state, state["epoch"] + 1
-
-
-def cached_train_loop(cfg: dict) -> None:
-    """Ray Train loop over cached features: DDP head, Adam, checkpoint + report every epoch."""
-    import ray.train
-    import ray.train.torch
-
-    from devise.losses import get_loss
-
-    rank, world, device = _worker_context(cfg)
-    head = _build_head(cfg["spec"], cfg["stats"])
-    opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    history: list[dict] = []
-    state, start = _resume({"head": head}, opt, rank)
-    head.to(device)
-    model = ray.train.torch.prepare_model(head)
-    raw = model.module if hasattr(model, "module") else model
-    amp, amp_dtype, use_scaler = _autocast(device, cfg["precision"])
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    if state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    loss_fn = get_loss(cfg["loss"])
-    loss_kwargs = {"margin": cfg["margin"]} if cfg["loss"] == "rank" else {}
-    classes = torch.as_tensor(np.asarray(cfg["class_matrix"]), dtype=torch.float32).to(device)
-
-    x_train, y_train = _load_shard("train", device)
-    x_test, y_test = _load_shard("test", device)
-    bs = cfg["batch_size"]
-    n_max = _all_reduce([len(y_train)], device, op="max")[0]
-    steps = max(1, math.ceil(n_max / bs))
-    for epoch in range(start, cfg["epochs"] + 1):
-        t0 = time.perf_counter()
-        model.train()
-        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
-        order = _epoch_indices(len(y_train), steps, bs, gen).to(device)
-        batch_losses = torch.zeros(steps, device=device)
-        for s in range(steps):
-            idx = order[s * bs : (s + 1) * bs]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                pred = model(x_train[idx].float())
-            loss = loss_fn(pred.float(), classes, y_train[idx], **loss_kwargs)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            batch_losses[s] = loss.detach()
-        raw.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            test_loss_sum, h1, h5 = 0.0, 0, 0
-            for a in range(0, len(y_test), 4096):
-                xb, yb = x_test[a : a + 4096].float(), y_test[a : a + 4096]
-                pred = raw(xb).float()
-                test_loss_sum += float(loss_fn(pred, classes, yb, **loss_kwargs)) * len(yb)
-                a1, a5 = _hits(pred, classes, yb)
-                h1, h5 = h1 + a1, h5 + a5
-        losses = batch_losses.cpu()
-        sums = _all_reduce([float(losses.sum()), steps, test_loss_sum, h1, h5, len(y_test)], device)
-        m = _epoch_metrics(
-            epoch, start, sums, time.perf_counter() - t0, world, losses, len(y_train)
-        )
-        if rank == 0:
-            _print_epoch(m, cfg["epochs"])
-        history.append(m)
-        state = None
-        if rank == 0:
-            state = {
-                "epoch": epoch,
-                "head": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if use_scaler else None,
-                "spec": cfg["spec"],
-            }
-        _report(m, state, epoch, rank, cfg.get("pause_after_epoch"))
 
 
 def _epoch_metrics(
@@ -259,16 +229,73 @@ def _epoch_metrics(
     }
 
 
+def _print_epoch(m: dict, epochs: int) -> None:
+    print(
+        f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  "
+        f"test_loss {m['test_loss']:.4f}  hit@1 {m['test_hit1']:.3f}  "
+        f"hit@5 {m['test_hit5']:.3f}  ({m['epoch_s']:.2f}s)",
+        flush=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
-# Worker side: online (the notebook's way)
+# Batch sources: each gives the model to train, what to checkpoint, and the batches
+
+
+class _CachedSource:
+    """Features read once from this worker's dataset shards into memory (features are small
+    and the epochs many: re-streaming through Ray Data each epoch costs far more)."""
+
+    decode_errors = False
+
+    def __init__(self, cfg: CachedFeatures, head: DeviseHead, rank, world, device, bs) -> None:
+        head.set_feature_stats(torch.as_tensor(cfg.mean), torch.as_tensor(cfg.std))
+        self.model, self.device, self.bs = head, device, bs
+        self.x_train, self.y_train = self._shard("train")
+        self.x_test, self.y_test = self._shard("test")
+        self.n_train = len(self.y_train)
+        self.errors = 0
+
+    def _shard(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import ray.train
+
+        xs, ys = [], []
+        for batch in ray.train.get_dataset_shard(name).iter_batches(
+            batch_size=8192, batch_format="numpy"
+        ):
+            xs.append(batch["feature"])
+            ys.append(batch["target"])
+        if not xs:
+            return torch.zeros((0, 0)), torch.zeros(0, dtype=torch.int64)
+        x = torch.from_numpy(np.concatenate(xs)).to(self.device)
+        return x, torch.from_numpy(np.concatenate(ys).astype(np.int64)).to(self.device)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.model.parameters()), "lr": lr}]
+
+    def saved(self) -> dict[str, torch.nn.Module]:
+        return {"head": self.model}
+
+    def fresh_start(self, all_reduce) -> None:
+        """Nothing to prepare: the driver computed the feature statistics."""
+
+    def train_batches(self, order: torch.Tensor) -> Iterator:
+        order = order.to(self.device)
+        for s in range(0, len(order), self.bs):
+            idx = order[s : s + self.bs]
+            yield self.x_train[idx].float(), self.y_train[idx], None
+
+    def test_batches(self) -> Iterator:
+        for a in range(0, len(self.y_test), 4096):
+            yield self.x_test[a : a + 4096].float(), self.y_test[a : a + 4096]
 
 
 class _ImageRows(torch.utils.data.Dataset):
     """Catalog rows -> (uint8 image (S, S, 3), target, ok); a fresh augmentation each call when
     augment=True. A file that cannot be decoded gives ok=False and a black image."""
 
-    def __init__(self, paths, targets, backbone: str, image_size: int, augment: bool) -> None:
-        self.paths, self.targets = list(paths), list(targets)
+    def __init__(self, rows: Rows, backbone: str, image_size: int, augment: bool) -> None:
+        self.paths, self.targets = list(rows.paths), list(rows.targets)
         self.backbone, self.size, self.augment = backbone, image_size, augment
         self._transform = None
 
@@ -276,7 +303,7 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from devise.backbones import prepare_transform
+        from devise.backbones import backbone_info, prepare_transform
         from devise.images import decode_image, read_file_bytes
 
         if self._transform is None:
@@ -313,125 +340,158 @@ class OnlineModel(torch.nn.Module):
         return self.head(self.features(images).float())
 
 
-def _loader(rows: dict, rank: int, world: int, cfg: dict, augment: bool, sampler=None):
-    paths, targets = rows["paths"][rank::world], rows["targets"][rank::world]
-    ds = _ImageRows(paths, targets, cfg["backbone"], cfg["image_size"], augment)
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=cfg["batch_size"],
-        sampler=sampler,
-        num_workers=cfg["loader_workers"],
-        persistent_workers=False,
-    )
+class _OnlineSource:
+    """This worker's share of the catalog rows, decoded (and augmented) every epoch."""
 
+    decode_errors = True
 
-def online_train_loop(cfg: dict) -> None:
-    """Ray Train loop, the notebook's way: decode + augment every image every epoch and run the
-    backbone inside the loop; --unfreeze-last also trains the backbone's last block."""
-    import ray.train
-    import ray.train.torch
+    def __init__(self, cfg: OnlineImages, head: DeviseHead, rank, world, device, bs) -> None:
+        from devise.backbones import load_backbone
 
-    from devise.backbones import load_backbone
-    from devise.losses import get_loss
+        self.cfg, self.device, self.bs = cfg, device, bs
+        self.backbone = load_backbone(cfg.backbone, cfg.weights)
+        self.tuned = self.backbone.unfreeze_last() if cfg.unfreeze_last else []
+        self.head = head
+        self.model = OnlineModel(self.backbone, head, train_backbone=bool(self.tuned))
+        self.train_rows = Rows(cfg.train.paths[rank::world], cfg.train.targets[rank::world])
+        self.test_rows = Rows(cfg.test.paths[rank::world], cfg.test.targets[rank::world])
+        self.n_train = len(self.train_rows.paths)
+        self.errors = 0
 
-    rank, world, device = _worker_context(cfg)
-    backbone = load_backbone(cfg["backbone"], cfg["weights"])
-    tuned = backbone.unfreeze_last() if cfg["unfreeze_last"] else []
-    head = _build_head(cfg["spec"], None)
-    model = OnlineModel(backbone, head, train_backbone=bool(tuned))
-    groups = [{"params": list(head.parameters()), "lr": cfg["lr"]}]
-    if tuned:
-        groups.append({"params": tuned, "lr": cfg["backbone_lr"]})
-    opt = torch.optim.Adam(groups, weight_decay=cfg["weight_decay"])
-    state, start = _resume({"head": head, "backbone": backbone}, opt, rank)
-    model.to(device)
-    train_rows, test_rows = cfg["train_rows"], cfg["test_rows"]
-    amp, amp_dtype, use_scaler = _autocast(device, cfg["precision"])
-    if state is None:
-        # Standardisation stats of the plain training images' features, over all workers.
-        f_sum = f_sq = None
+    def _loader(self, rows: Rows, augment: bool, sampler=None):
+        ds = _ImageRows(rows, self.cfg.backbone, self.cfg.image_size, augment)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=self.bs, sampler=sampler, num_workers=self.cfg.loader_workers
+        )
+
+    def param_groups(self, lr: float) -> list[dict]:
+        groups = [{"params": list(self.head.parameters()), "lr": lr}]
+        if self.tuned:
+            groups.append({"params": self.tuned, "lr": self.cfg.backbone_lr})
+        return groups
+
+    def saved(self) -> dict[str, torch.nn.Module]:
+        return {"head": self.head, "backbone": self.backbone} if self.tuned else {"head": self.head}
+
+    def fresh_start(self, all_reduce) -> None:
+        """Standardisation stats of the plain training images' features, over all workers."""
+        dim = self.backbone.info.feature_dim
+        f_sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        f_sq = torch.zeros_like(f_sum)
         n = 0
-        for images, _, ok in _loader(train_rows, rank, world, cfg, augment=False):
+        for images, _, ok in self._loader(self.train_rows, augment=False):
             with torch.no_grad():
-                f = backbone(images[ok].to(device)).double()
-            f_sum = f.sum(0) if f_sum is None else f_sum + f.sum(0)
-            f_sq = (f * f).sum(0) if f_sq is None else f_sq + (f * f).sum(0)
-            n += len(f)
-        dim = backbone.info.feature_dim
-        f_sum = f_sum if f_sum is not None else torch.zeros(dim, dtype=torch.float64)
-        f_sq = f_sq if f_sq is not None else torch.zeros(dim, dtype=torch.float64)
-        tot = _all_reduce([n, *f_sum.cpu().tolist(), *f_sq.cpu().tolist()], device)
+                f = self.backbone(images[ok].to(self.device)).double()
+            f_sum, f_sq, n = f_sum + f.sum(0), f_sq + (f * f).sum(0), n + len(f)
+        tot = all_reduce([n, *f_sum.cpu().tolist(), *f_sq.cpu().tolist()])
         n_all = max(tot[0], 1.0)
         mean = torch.tensor(tot[1 : 1 + dim]) / n_all
         var = torch.tensor(tot[1 + dim :]) / n_all - mean * mean
-        head.set_feature_stats(mean.float(), var.clamp_min(0).sqrt().float())
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    loss_fn = get_loss(cfg["loss"])
-    loss_kwargs = {"margin": cfg["margin"]} if cfg["loss"] == "rank" else {}
-    classes = torch.as_tensor(np.asarray(cfg["class_matrix"]), dtype=torch.float32).to(device)
-    bs = cfg["batch_size"]
-    n_local = len(train_rows["paths"][rank::world])
-    steps = max(1, math.ceil(_all_reduce([n_local], device, op="max")[0] / bs))
-    for epoch in range(start, cfg["epochs"] + 1):
+        self.head.set_feature_stats(mean.float(), var.clamp_min(0).sqrt().float())
+
+    def train_batches(self, order: torch.Tensor) -> Iterator:
+        loader = self._loader(self.train_rows, augment=True, sampler=order.tolist())
+        for images, targets, ok in loader:
+            self.errors += int((~ok).sum())
+            yield images.to(self.device), targets.to(self.device), ok.to(self.device)
+
+    def test_batches(self) -> Iterator:
+        for images, targets, ok in self._loader(self.test_rows, augment=False):
+            self.errors += int((~ok).sum())
+            if ok.any():
+                yield images[ok].to(self.device), targets[ok].to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(cfg: LoopConfig) -> None:
+    """Ray Train loop on every DDP worker: Adam, an all-reduced metrics line and (rank 0) a
+    checkpoint every epoch; resumes from the latest checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from devise.losses import get_loss
+
+    _quiet_report_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    head = DeviseHead(HeadSpec.from_dict(cfg.spec))
+    kind = _CachedSource if isinstance(cfg.source, CachedFeatures) else _OnlineSource
+    source = kind(cfg.source, head, rank, world, device, cfg.batch_size)
+    source.model.to(device)
+    opt = torch.optim.Adam(source.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
+    amp, amp_dtype, use_scaler = _autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    state = _starting_state(cfg.resume)
+    start = restore(state, source.saved(), opt, scaler)
+    if state is None:
+        source.fresh_start(lambda values: _all_reduce(values, device))
+    elif rank == 0:
+        print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
+    ddp = ray.train.torch.prepare_model(source.model, move_to_device=False)
+
+    loss_fn = get_loss(cfg.loss)
+    loss_kwargs = {"margin": cfg.margin} if cfg.loss == "rank" else {}
+    classes = torch.as_tensor(np.asarray(cfg.class_matrix), dtype=torch.float32).to(device)
+    bs = cfg.batch_size
+    steps = max(1, math.ceil(_all_reduce([source.n_train], device, op="max")[0] / bs))
+    for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         ddp.train()
-        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch * 1009 + rank)
-        torch.manual_seed(cfg["seed"] * 7919 + epoch * 31 + rank)  # fresh augmentation
-        order = _epoch_indices(n_local, steps, bs, gen).tolist()
-        losses, errors = [], 0
-        for images, targets, ok in _loader(train_rows, rank, world, cfg, True, sampler=order):
-            errors += int((~ok).sum())
-            images, targets = images.to(device), targets.to(device)
+        # Seeded per epoch and rank, so a resumed run draws what an uninterrupted one would.
+        torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rank)  # dropout, augmentation
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+        order = _epoch_indices(source.n_train, steps, bs, gen)
+        losses = torch.zeros(steps, device=device)
+        for s, (x, targets, ok) in enumerate(source.train_batches(order)):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                pred = ddp(images)
-            # Broken images count nothing toward the loss; a step still runs on every rank.
-            keep = ok.to(device)
-            if keep.any():
-                loss = loss_fn(pred[keep].float(), classes, targets[keep], **loss_kwargs)
-            else:
+                pred = ddp(x)
+            if ok is None or ok.all():
+                loss = loss_fn(pred.float(), classes, targets, **loss_kwargs)
+            elif ok.any():
+                loss = loss_fn(pred[ok].float(), classes, targets[ok], **loss_kwargs)
+            else:  # only broken images: a step still runs on every rank (DDP)
                 loss = pred.float().sum() * 0.0
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            losses.append(float(loss.detach()))
-        model.eval()
+            losses[s] = loss.detach()
+        source.model.eval()
         test_loss_sum, h1, h5, n_test = 0.0, 0, 0, 0
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            for images, targets, ok in _loader(test_rows, rank, world, cfg, augment=False):
-                errors += int((~ok).sum())
-                images, targets = images[ok].to(device), targets[ok].to(device)
-                if len(targets) == 0:
-                    continue
-                pred = model(images).float()
-                test_loss_sum += float(loss_fn(pred, classes, targets, **loss_kwargs)) * len(
-                    targets
-                )
+            for x, targets in source.test_batches():
+                pred = source.model(x).float()
+                test_loss_sum += float(loss_fn(pred, classes, targets, **loss_kwargs)) * len(x)
                 a1, a5 = _hits(pred, classes, targets)
                 h1, h5, n_test = h1 + a1, h5 + a5, n_test + len(targets)
-        losses_t = torch.tensor(losses)
+        losses = losses.cpu()
         sums = _all_reduce(
-            [float(losses_t.sum()), len(losses), test_loss_sum, h1, h5, n_test, errors], device
+            [float(losses.sum()), steps, test_loss_sum, h1, h5, n_test, source.errors], device
         )
         m = _epoch_metrics(
-            epoch, start, sums[:6], time.perf_counter() - t0, world, losses_t, n_local
+            epoch, start, sums[:6], time.perf_counter() - t0, world, losses, source.n_train
         )
-        m["decode_errors"] = int(sums[6])
-        if rank == 0:
-            _print_epoch(m, cfg["epochs"])
+        if source.decode_errors:
+            m["decode_errors"] = int(sums[6])
+        source.errors = 0
         state = None
         if rank == 0:
+            _print_epoch(m, cfg.epochs)
             state = {
                 "epoch": epoch,
-                "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-                "backbone": (
-                    {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-                    if tuned
-                    else None
-                ),
+                **{k: _cpu(mod.state_dict()) for k, mod in source.saved().items()},
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if use_scaler else None,
-                "spec": cfg["spec"],
+                "spec": cfg.spec,
             }
-        _report(m, state, epoch, rank, cfg.get("pause_after_epoch"))
+        _report(m, state, epoch, rank, cfg.pause_after_epoch)
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -17,8 +17,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from devise.backbones import backbone_info
+from devise.backbones import backbone_info, export_weights, load_backbone
 from devise.errors import DeviseError
 from devise.fsutil import atomic_path, normal_mode
 from devise.model import DeviseHead, HeadSpec, save_model
-from devise.train_loops import cached_train_loop, load_state, online_train_loop
+from devise.train_loops import (
+    STATE_FILE,
+    CachedFeatures,
+    CheckpointError,
+    LoopConfig,
+    OnlineImages,
+    Rows,
+    UnsafeCheckpointError,
+    load_state,
+    read_state,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,19 @@ PAUSE_ENV = "DEVISE_TEST_PAUSE_AFTER_EPOCH"
 
 class TrainError(DeviseError, ValueError):
     """A training setting or input a user can fix; str() is one sentence saying how."""
+
+
+class TrainStopped(TrainError):
+    """SIGTERM or Ctrl-C stopped the run; its checkpoints are kept and a rerun resumes."""
+
+    def __init__(self, signum: int, epoch: int | None = None) -> None:
+        where = f" after epoch {epoch}" if epoch else ""
+        super().__init__(
+            f"Stopped by {signal.Signals(signum).name}{where}; rerun the same command to resume "
+            "from the latest checkpoint."
+        )
+        self.signum, self.epoch = signum, epoch
+        self.EXIT_CODE = 128 + signum  # the shell's code for death by that signal
 
 
 @dataclass
@@ -124,7 +151,6 @@ class TrainResult:
     metrics: list[dict]
     checkpoint_path: str | None
     resumed: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +216,15 @@ def training_classes(catalog: pd.DataFrame, vectors) -> Any:
     names = train.groupby("label", sort=True)["class_name"].first()
     classes = [ClassInfo(str(k), [str(n)]) for k, n in names.items()]
     try:
-        return class_vectors(classes, vectors)
+        found = class_vectors(classes, vectors)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if len(found.keys) < 2:
+        raise TrainError(
+            f"Only one training class ({', '.join(found.names) or names.iloc[0]}) has a word "
+            "vector; training needs at least two (check --holdout and the vectors)."
+        )
+    return found
 
 
 def _read_inputs(config: TrainConfig):
@@ -326,10 +358,10 @@ def _feature_datasets(fs, classes, config: TrainConfig):
     return train_ds, test_ds, x_train
 
 
-def _rows(catalog: pd.DataFrame, split: str, classes) -> dict:
+def _rows(catalog: pd.DataFrame, split: str, classes) -> Rows:
     index = {k: i for i, k in enumerate(classes.keys)}
     part = catalog[(catalog["split"] == split) & catalog["label"].isin(index)]
-    return {"paths": part["path"].tolist(), "targets": [index[k] for k in part["label"]]}
+    return Rows(part["path"].tolist(), [index[k] for k in part["label"]])
 
 
 def _resources(config: TrainConfig) -> tuple[float, float, float]:
@@ -341,10 +373,30 @@ def _resources(config: TrainConfig) -> tuple[float, float, float]:
     return train.cpus_per_worker, feats.cpus_per_worker, feats.decode_cpus
 
 
+def latest_checkpoint(storage: str, name: str) -> Path | None:
+    """The newest intact epoch_* folder of a run in local storage. Every checkpoint is read as
+    plain tensors first: one carrying code stops the run (TrainError naming the file); a
+    damaged one (a copy cut short by a kill) is skipped with a warning."""
+    if "://" in storage:
+        return None  # remote storage: Ray Train restores from its own record
+    found = []
+    for d in sorted((Path(storage) / name).glob("epoch_*")):
+        try:
+            found.append((int(read_state(d / STATE_FILE)["epoch"]), d))
+        except UnsafeCheckpointError as e:
+            raise TrainError(str(e)) from None
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("Skipping checkpoint %s: %s", d, e)
+    return max(found)[1] if found else None
+
+
 def _state_from_result(result) -> dict:
     if result.checkpoint is None:
         raise TrainError("Training finished without a checkpoint; see the worker logs.")
-    return load_state(result.checkpoint)
+    try:
+        return load_state(result.checkpoint)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
 
 
 def _commit_model(run_dir: Path, head: DeviseHead, backbone_state: dict | None) -> Path:
@@ -403,13 +455,56 @@ def plot_losses(metrics: list[dict], out: str | os.PathLike) -> Path | None:
     return out
 
 
+class _StopOnSignals:
+    """SIGTERM and Ctrl-C end a run cleanly: before Ray Train runs, at once (TrainStopped);
+    while it runs, through Ray Train's own graceful abort (its SIGINT handler), so checkpoints
+    stay intact. install() again after ray.init, which sets a SIGTERM handler of its own
+    (sys.exit inside Ray's threads: a C-level abort, exit code 134)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.before: dict = {}
+
+    def handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        ray_handler = signal.getsignal(signal.SIGINT)
+        if ray_handler != self.handler and callable(ray_handler):
+            ray_handler(signal.SIGINT, frame)  # Ray Train is running: abort it gracefully
+            return
+        raise TrainStopped(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.before.setdefault(s, signal.signal(s, self.handler))
+
+    def restore(self) -> None:
+        for s, h in self.before.items():
+            signal.signal(s, h)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training job; see the module docstring for what lands in RUN_DIR.
 
     Joins the Ray cluster at config.address / RAY_ADDRESS, else starts a local one. Rerunning
     the same config continues from the latest checkpoint; a finished run returns at once.
+    SIGTERM or Ctrl-C raise TrainStopped (exit code 143 or 130), leaving resumable checkpoints.
     """
-    import ray
+    stop = _StopOnSignals()
+    stop.install()
+    try:
+        return _train(config, stop.install)
+    except TrainStopped as e:
+        raise TrainStopped(stop.signum or e.signum, e.epoch) from None
+    except BaseException:
+        if stop.signum:  # Ray Train's abort surfaced as another error
+            raise TrainStopped(stop.signum) from None
+        raise
+    finally:
+        stop.restore()
+
+
+def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -446,24 +541,11 @@ def train(config: TrainConfig) -> TrainResult:
     storage = config.storage or str(run_dir / "checkpoints")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    resume = latest_checkpoint(storage, name)
     init_ray(config.address)
+    after_ray_init()
     cpus, embed_cpus, decode_cpus = _resources(config)
 
-    loop_cfg: dict[str, Any] = {
-        "spec": asdict(spec),
-        "class_matrix": classes.matrix.tolist(),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "backbone_lr": config.backbone_lr or config.lr / 10,
-        "weight_decay": config.weight_decay,
-        "loss": config.loss,
-        "margin": config.margin,
-        "seed": config.seed,
-        "precision": config.precision,
-        "pause_after_epoch": config.pause_after_epoch,
-    }
-    datasets = {}
     if config.mode == "cached":
         from devise.features import extract_features
         from devise.pipeline import PipelineConfig
@@ -493,7 +575,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "lower --num-workers or add images."
             )
         x32 = x_train.astype(np.float32)
-        loop_cfg["stats"] = (x32.mean(0), x32.std(0))
+        source = CachedFeatures(mean=x32.mean(0), std=x32.std(0))
         datasets = {"train": train_ds, "test": test_ds}
         resolved["features"] = {
             "path": str(fs.path),
@@ -502,20 +584,35 @@ def train(config: TrainConfig) -> TrainResult:
             "errors": len(fs.errors),
         }
         _write_json(run_dir / "config.json", resolved)
-        loop = cached_train_loop
     else:
-        loop_cfg.update(
+        source = OnlineImages(
             backbone=config.backbone,
             weights=config.weights,
             image_size=image_size,
+            train=_rows(catalog, "train", classes),
+            test=_rows(catalog, "test", classes),
             unfreeze_last=config.unfreeze_last,
+            backbone_lr=config.backbone_lr or config.lr / 10,
             loader_workers=config.loader_workers,
-            train_rows=_rows(catalog, "train", classes),
-            test_rows=_rows(catalog, "test", classes),
         )
-        if len(loop_cfg["train_rows"]["paths"]) < config.num_workers:
+        datasets = {}
+        if len(source.train.paths) < config.num_workers:
             raise TrainError("Fewer training images than --num-workers; lower --num-workers.")
-        loop = online_train_loop
+    loop_cfg = LoopConfig(
+        spec=asdict(spec),
+        class_matrix=classes.matrix,
+        source=source,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        loss=config.loss,
+        margin=config.margin,
+        seed=config.seed,
+        precision=config.precision,
+        pause_after_epoch=config.pause_after_epoch,
+        resume=None if resume is None else str(resume),
+    )
 
     resources = {"CPU": cpus}
     if config.use_gpu:
@@ -528,7 +625,7 @@ def train(config: TrainConfig) -> TrainResult:
         flush=True,
     )
     trainer = TorchTrainer(
-        loop,
+        train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -544,13 +641,22 @@ def train(config: TrainConfig) -> TrainResult:
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    ours = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:  # fit leaves Ray Train's SIGINT handler in place
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ours)
     state = _state_from_result(result)
+    if int(state["epoch"]) < config.epochs:  # Ray Train was aborted (Ctrl-C or SIGTERM)
+        raise TrainStopped(signal.SIGINT, int(state["epoch"]))
     head = DeviseHead(spec)
     head.load_state_dict(state["head"])
     backbone_state = None
     if state.get("backbone") is not None:
-        backbone_state = _export_backbone(config.backbone, config.weights, state["backbone"])
+        tuned = load_backbone(config.backbone, config.weights)
+        tuned.load_state_dict(state["backbone"])
+        backbone_state = export_weights(tuned)
         spec.backbone_weights = str(run_dir / "model" / BACKBONE_FILE)
         head.spec = spec
     model_dir = _commit_model(run_dir, head, backbone_state)
@@ -571,31 +677,6 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         resumed=bool(before),
     )
-
-
-def _export_backbone(name: str, weights: str | None, state: dict) -> dict:
-    """A tuned FrozenBackbone's state -> the state_dict that load_backbone(name, weights=FILE)
-    reads (the original network's keys), so embedding uses the fine-tuned weights."""
-    from devise.backbones import load_backbone
-
-    fb = load_backbone(name, weights)
-    fb.load_state_dict(state)
-    if name == "efficientnet_lite0":
-        return {k: v.detach().clone() for k, v in fb.trunk.net.state_dict().items()}
-    if name == "vgg16_bn":
-        out = {f"features.{k}": v for k, v in fb.trunk.features.state_dict().items()}
-        out.update({f"classifier.{k}": v for k, v in fb.trunk.head.state_dict().items()})
-        out.update({f"classifier.6.{k}": v for k, v in fb.classifier.state_dict().items()})
-        return out
-    if name.startswith("resnet"):
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        out = {}
-        for i, child in enumerate(names):
-            out.update({f"{child}.{k}": v for k, v in fb.trunk[i].state_dict().items()})
-        out.update({f"fc.{k}": v for k, v in fb.classifier.state_dict().items()})
-        return out
-    # The seeded test backbone: its trunk's own keys, as load_backbone("tiny", FILE) reads them.
-    return {k: v.detach().clone() for k, v in fb.trunk.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------

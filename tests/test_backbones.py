@@ -95,3 +95,69 @@ def test_tiny_backbone_loads_fine_tuned_weights(tmp_path):
 def test_random_init_needs_no_weights_file():
     bb = load_backbone("resnet18", random_init=True)
     assert bb(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape == (1, 512)
+
+
+def test_a_new_backbone_is_one_registry_entry(tmp_path):
+    """Registering one entry gives load, features, --unfreeze-last, export/import of tuned
+    weights and the weights file every stage keys caches on; nothing else names backbones."""
+    from torch import nn
+
+    from devise.features import weights_identity
+
+    def network():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 6, 3), nn.AdaptiveAvgPool2d(1))
+
+    entry = backbones.Backbone(
+        backbones.BackboneInfo("toy6", 6, 16),
+        network=network,
+        split=lambda net: (net, None),
+        last_block=lambda trunk: trunk[1],
+        export=lambda fb: fb.trunk.state_dict(),
+        default_weights=lambda: tmp_path / "toy6.pt",
+        weights_source="toy6.pt",
+    )
+    backbones.register(entry)
+    try:
+        with pytest.raises(BackboneError, match="No weights for toy6: .* Copy toy6.pt there"):
+            load_backbone("toy6")
+        torch.save(network().state_dict(), tmp_path / "toy6.pt")
+        bb = load_backbone("toy6")
+        x = torch.randint(0, 255, (2, 16, 16, 3), dtype=torch.uint8)
+        assert bb(x).shape == (2, 6)
+        tuned = bb.unfreeze_last()
+        assert [p.shape for p in tuned] == [p.shape for p in bb.trunk[1].parameters()]
+        with torch.no_grad():
+            tuned[0].add_(1.0)
+        torch.save(backbones.export_weights(bb), tmp_path / "tuned.pt")
+        again = load_backbone("toy6", tmp_path / "tuned.pt")
+        torch.testing.assert_close(again(x), bb(x))
+        assert weights_identity("toy6", None)["file"] == str((tmp_path / "toy6.pt").resolve())
+    finally:
+        del backbones.BACKBONES["toy6"]
+
+
+def test_resnet_unfreeze_last_trains_layer4():
+    bb = load_backbone("resnet18", random_init=True)
+    params = bb.unfreeze_last()
+    layer4 = list(bb.trunk[7].parameters())
+    assert params and len(params) == len(layer4)
+    assert all(a is b for a, b in zip(params, layer4))
+
+
+def test_no_switch_on_backbone_names_outside_the_registry():
+    """Variation lives in the registry: no `== "vgg16_bn"`-style test of a backbone name."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    names = "|".join(re.escape(n) for n in backbones.BACKBONES)
+    switch = re.compile(rf"""(==|!=|startswith\()\s*["']({names}|resnet)["']""")
+    found = [
+        f"{p.relative_to(repo)}:{i}"
+        for p in [*repo.glob("devise/*.py"), *repo.glob("bench/*.py"), *repo.glob("jobs/*.py")]
+        if p.name != "backbones.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if switch.search(line)
+    ]
+    assert found == []

@@ -133,3 +133,15 @@ def test_odd_file_names_are_recorded_and_skipped_and_the_rest_catalogued(
     assert "control character" in by_bytes[newline]
     assert "class folder skipped" in by_bytes[os.fsencode(bad_class)]
     assert any(p.endswith("two\\nlines\\x1b[31m.png") for p in skipped["path"])
+
+
+def test_holdout_of_every_class_is_refused(image_tree, tmp_path, capsys):
+    out = tmp_path / "cat.parquet"
+    every = "cat,dog,car,ship,ankle boot"
+    rc = cli_main(["catalog", str(image_tree), "--out", str(out), "--holdout", every])
+    assert rc == 2 and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "devise catalog: error: --holdout names every class, which leaves no training class; "
+        "hold out fewer."
+    )

@@ -70,3 +70,19 @@ def test_evaluate_writes_the_paper_tables(ray_session, image_tree, vec_file, tmp
     assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
     assert markdown_report(report) == md
     assert torch.is_tensor(next(trained.parameters()))
+
+
+def test_evaluate_without_test_or_unseen_rows_is_one_line_error(image_tree, tmp_path):
+    from devise.evaluate import EvalError
+
+    catalog = build_catalog(image_tree, test_fraction=0.34, seed=0).assign(split="train")
+    cat_path = write_catalog(catalog, tmp_path / "catalog.parquet")
+    spec = HeadSpec(in_dim=64, out_dim=8, kind="linear", backbone="tiny", image_size=32)
+    model = save_model(tmp_path / "model", DeviseHead(spec))
+    with pytest.raises(EvalError) as info:
+        evaluate(EvalConfig(model=str(model), catalog=str(cat_path), out=str(tmp_path / "out")))
+    assert str(info.value) == (
+        f"Catalog {cat_path} has no test or unseen rows, so there is nothing to evaluate; "
+        "rebuild it with --test-fraction above 0 or --holdout."
+    )
+    assert not (tmp_path / "out").exists()

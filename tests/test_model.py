@@ -91,3 +91,47 @@ def test_saved_model_is_readable_by_others(tmp_path):
     mode = stat.S_IMODE((tmp_path / "model").stat().st_mode)
     assert mode == 0o755
     assert stat.S_IMODE((tmp_path / "model" / "spec.json").stat().st_mode) == 0o644
+
+
+def _saved(tmp_path):
+    head = DeviseHead(HeadSpec(in_dim=6, out_dim=4, kind="linear", class_keys=["a", "b"]))
+    return save_model(tmp_path / "model", head)
+
+
+def test_truncated_weights_and_broken_spec_are_one_line_naming_the_file(tmp_path):
+    from devise.model import ModelError
+
+    model = _saved(tmp_path)
+    weights = model / "head.pt"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    for load in (load_model, load_spec):
+        with pytest.raises(ModelError) as info:
+            load(model)
+        assert str(weights) in str(info.value) and "\n" not in str(info.value)
+    weights.write_bytes(data)
+    (model / "spec.json").write_text('{"in_dim": 6, "out_')
+    with pytest.raises(ModelError, match="spec.json is damaged") as info:
+        load_model(model)
+    assert str(model / "spec.json") in str(info.value)
+
+
+def test_cli_with_a_truncated_head_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _saved(tmp_path)
+    weights = model / "head.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "images").mkdir()
+    argv = ["embed", "--local", "--model", str(model), "--images", str(tmp_path / "images")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "devise", *argv, "--out", str(tmp_path / "out")],
+        check=False, cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("devise embed: error: Model weights ")
+    assert str(weights) in lines[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -140,7 +141,7 @@ def test_plot_losses_writes_png(tmp_path: Path) -> None:
 
 def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> None:
     """A tuned Lite0 saved by training loads with load_backbone(weights=...) unchanged."""
-    from devise.backbones import load_backbone
+    from devise.backbones import export_weights, load_backbone
 
     try:
         fb = load_backbone("efficientnet_lite0")
@@ -150,11 +151,208 @@ def test_export_backbone_round_trips_through_load_backbone(tmp_path: Path) -> No
     with torch.no_grad():
         params[0].add_(0.5)
     path = tmp_path / "backbone.pt"
-    torch.save(T._export_backbone("efficientnet_lite0", None, fb.state_dict()), path)
+    torch.save(export_weights(fb), path)
     again = load_backbone("efficientnet_lite0", path)
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(again(x), fb(x))
+
+
+def test_training_on_one_class_is_refused(tiny_inputs: dict, tmp_path: Path, capsys) -> None:
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    one = tmp_path / "one_class.parquet"
+    df.assign(split=np.where(df["label"] == "cat", df["split"], "unseen")).to_parquet(one)
+    code = _load_job().main(_argv({**tiny_inputs, "catalog": one}, tmp_path / "run"))
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "python jobs/train.py: error: Only one training class (cat) has a word vector; "
+        "training needs at least two (check --holdout and the vectors)."
+    )
+
+
+class _Shell:
+    """A pickled callable: unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_checkpoint_carrying_code_is_refused_and_never_run(
+    tiny_inputs: dict, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    config = _config(tiny_inputs, out)
+    ckpt = out / "checkpoints" / T.run_name(config) / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    state = ckpt / train_loops.STATE_FILE
+    torch.save({"epoch": 1, "head": _Shell(f"touch {marker}")}, state)
+
+    with pytest.raises(train_loops.CheckpointError, match="pickled code"):
+        train_loops.read_state(state)
+    code = _load_job().main(_argv(tiny_inputs, out))
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python jobs/train.py: error: Checkpoint {state} holds more than tensors "
+        "(pickled code) and was refused; delete it or pass a new --out."
+    )
+    assert not marker.exists()
+    # The file really carries code: the unsafe load the project no longer does runs it.
+    torch.load(state, weights_only=False)
+    assert marker.exists()
+
+
+def test_restore_loads_modules_optimizer_and_grad_scaler() -> None:
+    """The one resume step both batch sources share, GradScaler included."""
+    head = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    head(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = {
+        "epoch": 4,
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    assert train_loops.restore(state, {"head": fresh}, fresh_opt, fresh_scaler) == 5
+    assert torch.equal(fresh.weight, head.weight)
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
+    assert fresh_scaler.get_scale() == 1024.0
+    assert train_loops.restore(None, {"head": fresh}, fresh_opt, fresh_scaler) == 1
+
+
+def test_loop_config_is_typed_and_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    """The driver hands workers a dataclass; a worker's checkpoint state (optimizer, scaler,
+    spec) round-trips through torch.load(weights_only=True)."""
+    import dataclasses
+
+    assert dataclasses.is_dataclass(train_loops.LoopConfig)
+    head = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(head.parameters())
+    head(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {
+        "epoch": 1,
+        "head": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu").state_dict(),
+        "spec": {"in_dim": 3, "class_keys": ["a"], "backbone_weights": None},
+    }
+    torch.save(state, tmp_path / "state.pt")
+    again = train_loops.read_state(tmp_path / "state.pt")
+    assert again["epoch"] == 1 and again["spec"] == state["spec"]
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:200])
+    with pytest.raises(train_loops.CheckpointError, match="cut.pt cannot be read"):
+        train_loops.read_state(tmp_path / "cut.pt")
+
+
+class _FakeTrain:
+    """Stands in for ray.train inside one worker: shards from arrays, reports kept in memory
+    (each checkpoint's state read back weights_only), so the loop runs in-process in seconds."""
+
+    def __init__(self, shards: dict, checkpoint_dir: Path | None = None) -> None:
+        self.shards = shards
+        self.checkpoint_dir, self.metrics, self.states = checkpoint_dir, [], []
+
+    def install(self, monkeypatch) -> None:
+        import contextlib
+
+        import ray.train
+        import ray.train.torch
+
+        fake = self
+
+        class Shard:
+            def __init__(self, batch):
+                self.batch = batch
+
+            def iter_batches(self, **kw):
+                yield self.batch
+
+        class Ckpt:
+            def __init__(self, d):
+                self.d = d
+
+            @contextlib.contextmanager
+            def as_directory(self):
+                yield self.d
+
+        def report(metrics, checkpoint=None, checkpoint_dir_name=None):
+            fake.metrics.append(metrics)
+            if checkpoint is not None:
+                fake.states.append(train_loops.read_state(Path(checkpoint.path) / "state.pt"))
+
+        ctx = type("Ctx", (), {"get_world_rank": lambda s: 0, "get_world_size": lambda s: 1})
+        monkeypatch.setattr(ray.train, "get_context", lambda: ctx())
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda n: Shard(fake.shards[n]))
+        monkeypatch.setattr(ray.train, "report", report)
+        ckpt = None if self.checkpoint_dir is None else Ckpt(self.checkpoint_dir)
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ckpt)
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m, **kw: m)
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_one_loop_skeleton_runs_and_resumes_both_sources(
+    mode: str, tiny_inputs: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """The same epoch skeleton over cached features and over images; a second run given the
+    first one's checkpoint starts at the next epoch with the saved weights."""
+    from devise.model import HeadSpec
+
+    df = pd.read_parquet(tiny_inputs["catalog"])
+    keys = sorted(set(df.loc[df["split"] == "train", "label"]))
+    index = {k: i for i, k in enumerate(keys)}
+    classes = torch.nn.functional.normalize(torch.randn(len(keys), 8), dim=1).numpy()
+    spec = HeadSpec(in_dim=64, out_dim=8, kind="linear", backbone="tiny", image_size=32)
+
+    def rows(split):
+        part = df[(df["split"] == split) & df["label"].isin(index)]
+        return train_loops.Rows(part["path"].tolist(), [index[k] for k in part["label"]])
+
+    rng = np.random.default_rng(0)
+    shards = {
+        split: {
+            "feature": rng.normal(size=(12, 64)).astype(np.float16),
+            "target": rng.integers(0, len(keys), 12),
+        }
+        for split in ("train", "test")
+    }
+    if mode == "cached":
+        source = train_loops.CachedFeatures(mean=np.zeros(64), std=np.ones(64))
+    else:
+        source = train_loops.OnlineImages("tiny", None, 32, rows("train"), rows("test"), True)
+    cfg = train_loops.LoopConfig(
+        spec=dataclasses.asdict(spec), class_matrix=classes, source=source, epochs=2,
+        batch_size=4, lr=0.01, weight_decay=0.0, loss="rank", margin=0.1, seed=0,
+        precision="auto",
+    )  # fmt: skip
+    first = _FakeTrain(shards)
+    first.install(monkeypatch)
+    train_loops.train_loop(dataclasses.replace(cfg, epochs=1))
+    assert [m["epoch"] for m in first.metrics] == [1]
+    assert np.isfinite(first.metrics[0]["train_loss"]) and first.metrics[0]["test_count"] > 0
+    assert ("decode_errors" in first.metrics[0]) == (mode == "online")
+    assert ("backbone" in first.states[0]) == (mode == "online")  # tuned block saved
+
+    ckpt = tmp_path / "epoch_0001"
+    ckpt.mkdir()
+    torch.save(first.states[0], ckpt / train_loops.STATE_FILE)
+    second = _FakeTrain(shards, ckpt)
+    second.install(monkeypatch)
+    train_loops.train_loop(cfg)
+    assert [(m["epoch"], m["start_epoch"]) for m in second.metrics] == [(2, 2)]
+    assert (
+        second.states[0]["optimizer"]["state"][0]["step"]
+        > first.states[0]["optimizer"]["state"][0]["step"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +425,49 @@ def test_two_worker_training_end_to_end_survives_kill(
     # A rerun with other settings into the same RUN_DIR is refused, outputs untouched.
     with pytest.raises(T.TrainError, match="other settings"):
         T.train(_config(tiny_inputs, out, lr=0.5))
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
+    tiny_inputs: dict, tmp_path: Path, ray_session
+):
+    """SIGTERM one second after epoch 1's checkpoint: the job stops within 10 s with exit code
+    143 and one line (no C-level abort), and the same command resumes at epoch 2."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_inputs, out, "--epochs", "3")
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *argv, "--address", address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not T.read_metrics(out) and proc.poll() is None:
+            time.sleep(0.5)
+        assert [m["epoch"] for m in T.read_metrics(out)] == [1], proc.poll()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        stdout, stderr = proc.communicate(timeout=60)
+        stopped_s = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "python jobs/train.py: error: Stopped by SIGTERM after epoch 1; rerun the same command to "
+        "resume from the latest checkpoint."
+    )
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    assert stopped_s < 10, stopped_s
+    assert not (out / "model").exists()
+
+    assert _load_job().main([*argv, "--address", address]) == 0
+    metrics = T.read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed from epoch 1's checkpoint
 
 
 @pytest.mark.timeout(300)
