@@ -53,7 +53,7 @@ class TrainConfig:
 
     catalog: str
     out: str
-    vectors: str = "glove-100d"
+    vectors: str = "minilm"
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
     image_size: int | None = None  # None: the backbone's own size
@@ -181,7 +181,8 @@ def select_rows(
 def training_classes(catalog: pd.DataFrame, vectors) -> Any:
     """ClassVectors of the classes with training rows (never the held-out `unseen` ones).
 
-    Classes without a word vector are excluded with a warning (labels.class_vectors)."""
+    Classes without a vector in the text space are excluded with a warning
+    (labels.class_vectors)."""
     from devise.labels import ClassInfo, class_vectors
 
     train = catalog[catalog["split"] == "train"]
@@ -197,7 +198,7 @@ def training_classes(catalog: pd.DataFrame, vectors) -> Any:
 
 def _read_inputs(config: TrainConfig):
     from devise.catalog import read_catalog
-    from devise.vectors import load_vectors
+    from devise.text import load_text_space
 
     if not Path(config.catalog).expanduser().exists():
         raise TrainError(
@@ -207,7 +208,7 @@ def _read_inputs(config: TrainConfig):
     if "class_name" not in catalog.columns:
         catalog["class_name"] = catalog["label"]
     catalog = select_rows(catalog, config.max_train_per_class, config.seed)
-    vectors = load_vectors(config.vectors)
+    vectors = load_text_space(config.vectors)
     classes = training_classes(catalog, vectors)
     return catalog, vectors, classes
 
@@ -428,7 +429,7 @@ def train(config: TrainConfig) -> TrainResult:
         backbone_weights=None if config.weights is None else str(Path(config.weights).resolve()),
         image_size=image_size,
         vectors=str(config.vectors),
-        vectors_id=vectors.vectors_id,
+        vectors_id=vectors.id,
         class_keys=list(classes.keys),
         class_names=list(classes.names),
     )

@@ -11,15 +11,23 @@ def add_cli(subparsers) -> None:
         help="search embedded images by words, phrases or an image",
         description="Exact cosine top-k over the current version of an embeddings folder.",
     )
-    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
+    p.add_argument(
+        "queries", nargs="*", metavar="QUERY", help="words or phrases (any phrase with an encoder)"
+    )
     p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
     p.add_argument("--image", help="search with an image instead of words")
-    p.add_argument("--words", type=int, default=10, help="with --image: nearest words to show")
+    p.add_argument("--words", type=int, default=10, help="with --image: nearest labels to show")
+    p.add_argument(
+        "--vocabulary",
+        default="classes",
+        help="with --image: labels to name it with: classes (the model's), imagenet (1,000 "
+        "ImageNet names) or a FILE with one label a line",
+    )
     p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
-    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
+    p.add_argument("--vectors", help="text space (default: the one named in the model spec)")
     p.add_argument("--version", help="search this version instead of the current one")
     p.set_defaults(func=run)
 
