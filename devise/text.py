@@ -418,8 +418,8 @@ def load_text_space(source: str | os.PathLike | None = None) -> TextSpace:
         if kind is None:
             named = ", ".join(k for k, v in TEXT_SPACES.items() if v.matches is None)
             raise TextSpaceError(
-                f"--vectors {name} is neither a known text space ({named}) nor an existing "
-                "word-vector file or sentence-transformers folder; pass one of those."
+                f"--vectors {name} does not exist and is not a known text space ({named}); pass "
+                "one of those, a word-vector file or a sentence-transformers model folder."
             )
     space = kind.open(name)
     with _OPEN_LOCK:
