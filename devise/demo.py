@@ -15,8 +15,6 @@ EXTRA_QUERIES = ("shoe", "footwear", "running shoes", "winter jacket")
 # Queries whose top 10 should be footwear, and what counts as footwear.
 FOOTWEAR_QUERIES = ("shoe", "footwear", "running shoes")
 FOOTWEAR = ("sandal", "sneaker", "ankle boot")
-# The default text space and the word table it is compared with.
-SPACES = ("minilm", "glove-100d")
 
 
 def _step(n: int, total: int, text: str) -> float:
