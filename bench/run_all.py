@@ -25,6 +25,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import cli_start
 import embed_search
 import serve_bench
+import text_encode
 import train_epoch
 import vectors_load
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--search-rows", default="100000,1000000")
     p.add_argument(
-        "--skip", default="", help="comma list of: cli,vectors,embedding,training,search,serve"
+        "--skip", default="", help="comma list of: cli,vectors,embedding,training,search,serve,text"
     )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         results["search"] = [embed_search.run_search(int(n)) for n in args.search_rows.split(",")]
     if "serve" not in skip:
         results["serve"] = serve_bench.run([int(n) for n in args.search_rows.split(",")])
+    if "text" not in skip:
+        print("== query encoding", flush=True)
+        results["text"] = text_encode.run(work / "text")
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)  # the generated .vec alone is ~5 GB
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=2, default=str))
     print()
     print(table(results))
+    if results.get("text"):
+        print("\n" + text_encode.table(results["text"]))
     print(f"\n{results['seconds']:.0f} s in all; numbers in {path}")
     return 0
 

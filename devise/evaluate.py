@@ -38,8 +38,9 @@ class EvalConfig:
     feature_cache: str | None = None
     conse_top: int = 10
     pseudo_unseen: int | None = None  # classes held out of the training split to pick gamma
+    calibration_draws: int = 5  # pseudo-unseen draws whose H curves are averaged to pick gamma
     seed: int = 0
-    aux_epochs: int = 30
+    aux_epochs: int | None = None  # None: the real run's epochs (read from RUN_DIR/config.json)
     # Ray resources for feature extraction (a cache hit needs none)
     num_workers: int = 1
     use_gpu: bool = False
@@ -100,31 +101,71 @@ class _Standardize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
+@dataclass
+class TrainRecipe:
+    """How the real head was trained (RUN_DIR/config.json), so the auxiliary head matches it."""
+
+    epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 128  # the effective batch: per-worker batch x Ray Train workers
+    weight_decay: float = 0.0
+    loss: str = "rank"
+    margin: float = 0.1
+
+    @classmethod
+    def of_model(cls, model_dir: str | Path) -> tuple[TrainRecipe, str]:
+        """The recipe of the run that wrote model_dir, and where it came from."""
+        path = Path(model_dir).expanduser().parent / "config.json"
+        try:
+            cfg = json.loads(path.read_text())["config"]
+            recipe = cls(
+                epochs=int(cfg["epochs"]),
+                lr=float(cfg["lr"]),
+                batch_size=int(cfg["batch_size"]) * max(1, int(cfg.get("num_workers") or 1)),
+                weight_decay=float(cfg.get("weight_decay") or 0.0),
+                loss=str(cfg.get("loss") or "rank"),
+                margin=float(cfg.get("margin") or 0.1),
+            )
+            return recipe, str(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(), "defaults (no readable run config.json next to the model)"
+
+
 def fit_aux_head(
-    spec, x: np.ndarray, y: np.ndarray, class_matrix: np.ndarray, epochs: int, seed: int = 0
+    spec,
+    x: np.ndarray,
+    y: np.ndarray,
+    class_matrix: np.ndarray,
+    epochs: int,
+    seed: int = 0,
+    recipe: TrainRecipe | None = None,
 ):
-    """A head like the model's (same kind, rank loss) trained in-process on cached features.
+    """A head like the model's (same kind and dropout) trained in-process on cached features
+    with the real run's recipe (optimizer settings, batch, loss, margin) for `epochs` epochs.
 
     Used only to choose the calibration constant on pseudo-unseen classes of the training split.
     """
     from dataclasses import replace
 
-    from devise.losses import rank_loss
+    from devise.losses import get_loss
     from devise.model import DeviseHead
 
+    recipe = recipe or TrainRecipe()
     torch.manual_seed(seed)
     head = DeviseHead(replace(spec, class_keys=[], class_names=[]))
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
     head.set_feature_stats(xt.mean(0), xt.std(0))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     cm = torch.from_numpy(class_matrix.astype(np.float32))
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    loss_fn = get_loss(recipe.loss)
+    kwargs = {"margin": recipe.margin} if recipe.loss == "rank" else {}
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         head.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(128):
+        for idx in torch.randperm(len(xt), generator=gen).split(recipe.batch_size):
             opt.zero_grad()
-            rank_loss(head(xt[idx]), cm, yt[idx]).backward()
+            loss_fn(head(xt[idx]), cm, yt[idx], **kwargs).backward()
             opt.step()
     return head.eval()
 
@@ -138,44 +179,80 @@ def _embed(head, x: np.ndarray) -> np.ndarray:
 # The evaluation
 
 
-def _class_matrix(keys, names, vectors) -> tuple[list[str], list[str], np.ndarray]:
+def _class_matrix(keys, names, space) -> tuple[list[str], list[str], np.ndarray]:
     from devise.labels import ClassInfo, class_vectors
 
-    cv = class_vectors([ClassInfo(k, [n]) for k, n in zip(keys, names)], vectors)
+    cv = class_vectors([ClassInfo(k, [n]) for k, n in zip(keys, names)], space)
     return list(cv.keys), list(cv.names), cv.matrix
 
 
+GAMMA_GRID = np.linspace(-0.5, 1.0, 301)
+
+
 def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) -> dict:
-    """Calibrated stacking's constant, chosen on the training split only: hold out a few training
-    classes as pseudo-unseen, fit an auxiliary head on the rest (80% of their rows), and pick the
-    gamma maximising the harmonic mean on the other 20% plus the pseudo-unseen rows."""
-    rng = np.random.default_rng(config.seed)
+    """Calibrated stacking's constant, chosen on the training split only.
+
+    Each of `calibration_draws` draws holds out a different random set of training classes as
+    pseudo-unseen, trains an auxiliary head on the rest (80% of their rows) exactly like the
+    real head (the run's epochs, optimizer, batch, loss), and scores the other 20% plus the
+    pseudo-unseen rows. The H curves over gamma are averaged across draws and gamma is their
+    argmax: one draw's optimum depends on which classes happened to be held out."""
     n_classes = len(train_keys)
     p = config.pseudo_unseen or max(1, round(0.2 * n_classes))
     if n_classes - p < 2:
         return {"gamma": 0.0, "note": "too few training classes to calibrate"}
-    pseudo = set(rng.choice(train_keys, size=p, replace=False).tolist())
+    recipe, recipe_source = TrainRecipe.of_model(config.model)
+    epochs = config.aux_epochs or recipe.epochs
     train = fs.select(splits=["train"], views=[0])
     key_index = {k: i for i, k in enumerate(train_keys)}
     targets = np.array([key_index.get(k, -1) for k in train.labels])
     keep = targets >= 0
-    is_pseudo = np.array([k in pseudo for k in train.labels]) & keep
-    fit_rows = keep & ~is_pseudo & (rng.random(len(targets)) < 0.8)
-    val_rows = keep & ~fit_rows
-    seen_idx = [key_index[k] for k in train_keys if k not in pseudo]
-    remap = {c: i for i, c in enumerate(seen_idx)}
-    head = fit_aux_head(
-        spec,
-        train.features[fit_rows],
-        np.array([remap[t] for t in targets[fit_rows]]),
-        class_matrix[seen_idx],
-        config.aux_epochs,
-        config.seed,
-    )
-    scores = _embed(head, train.features[val_rows]) @ class_matrix.T
-    unseen_classes = np.array([k in pseudo for k in train_keys])
-    gamma = choose_gamma(scores, targets[val_rows], is_pseudo[val_rows], unseen_classes)
-    return {"gamma": gamma, "pseudo_unseen": sorted(pseudo), "validation_rows": int(val_rows.sum())}
+    curves, draws = [], []
+    for d in range(max(1, config.calibration_draws)):
+        rng = np.random.default_rng(config.seed + 7919 * d)
+        pseudo = set(rng.choice(train_keys, size=p, replace=False).tolist())
+        is_pseudo = np.array([k in pseudo for k in train.labels]) & keep
+        fit_rows = keep & ~is_pseudo & (rng.random(len(targets)) < 0.8)
+        val_rows = keep & ~fit_rows
+        seen_idx = [key_index[k] for k in train_keys if k not in pseudo]
+        remap = {c: i for i, c in enumerate(seen_idx)}
+        head = fit_aux_head(
+            spec,
+            train.features[fit_rows],
+            np.array([remap[t] for t in targets[fit_rows]]),
+            class_matrix[seen_idx],
+            epochs,
+            config.seed + d,
+            recipe,
+        )
+        scores = _embed(head, train.features[val_rows]) @ class_matrix.T
+        unseen_classes = np.array([k in pseudo for k in train_keys])
+        curve = np.array(
+            [
+                generalized_zero_shot(
+                    scores, targets[val_rows], is_pseudo[val_rows], unseen_classes, g
+                )["H"]
+                for g in GAMMA_GRID
+            ]
+        )
+        curves.append(curve)
+        draws.append(
+            {
+                "pseudo_unseen": sorted(pseudo),
+                "gamma": float(GAMMA_GRID[int(curve.argmax())]),
+                "validation_rows": int(val_rows.sum()),
+            }
+        )
+    mean_curve = np.mean(curves, axis=0)
+    return {
+        "gamma": float(GAMMA_GRID[int(mean_curve.argmax())]),
+        "draws": draws,
+        "pseudo_unseen": draws[0]["pseudo_unseen"],
+        "validation_rows": draws[0]["validation_rows"],
+        "aux_epochs": epochs,
+        "recipe": asdict(recipe),
+        "recipe_source": recipe_source,
+    }
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -185,7 +262,7 @@ def evaluate(config: EvalConfig) -> dict:
     from devise.model import load_model
     from devise.pipeline import PipelineConfig
     from devise.runtime import Resources, resolve_resources
-    from devise.vectors import load_vectors
+    from devise.text import check_same_space, load_text_space
 
     head = load_model(config.model)
     spec = head.spec
@@ -197,12 +274,8 @@ def evaluate(config: EvalConfig) -> dict:
             f"Catalog {config.catalog} has no test or unseen rows, so there is nothing to "
             "evaluate; rebuild it with --test-fraction above 0 or --holdout."
         )
-    vectors = load_vectors(spec.vectors)
-    if spec.vectors_id and vectors.vectors_id != spec.vectors_id:
-        raise EvalError(
-            f"The model was trained on word vectors {spec.vectors_id} but {spec.vectors} now "
-            f"gives {vectors.vectors_id}; evaluate with the same vectors."
-        )
+    vectors = load_text_space(spec.vectors)
+    check_same_space(spec.vectors_id, vectors, f"Model {config.model}")
     res = Resources(
         config.num_workers, config.cpus_per_worker, config.decode_cpus, config.use_gpu,
         config.gpus_per_worker, config.batch_size,
@@ -262,9 +335,7 @@ def evaluate(config: EvalConfig) -> dict:
         cats = imagenet_categories()
         known = np.array([vectors.has_vector(c) for c in cats])
         label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
-        label_vectors[known] = normalize_rows(
-            vectors.lookup_many([c for c, k in zip(cats, known) if k])
-        )
+        label_vectors[known] = vectors.encode([c for c, k in zip(cats, known) if k])
 
         def conse(x):
             with torch.no_grad():
@@ -273,7 +344,9 @@ def evaluate(config: EvalConfig) -> dict:
 
         reps["ConSE"] = {"test": conse(test.features), "unseen": conse(unseen.features)}
         reps["ConSE"]["train"] = conse(train.features)
-        conse_note = f"{int(known.sum())}/1000 ImageNet class names have a word vector"
+        conse_note = (
+            f"{int(known.sum())}/{len(cats)} ImageNet class names have a vector in {vectors.id}"
+        )
     except Exception as e:  # noqa: BLE001 -- e.g. the test backbone has no ImageNet classifier
         conse_note = f"ConSE not available: {e}"
         reps["ConSE"] = {"test": None, "unseen": None}
@@ -328,13 +401,22 @@ def evaluate(config: EvalConfig) -> dict:
                 all_matrix @ both.T, targets[None, :] == np.arange(len(all_keys))[:, None], 10
             )
             if method == "DeViSE":
-                _confusion_png(
-                    scores - gamma_info["gamma"] * (~unseen_classes)[None, :],
-                    targets,
-                    all_names,
-                    unseen_classes,
-                    Path(config.out) / "confusion.png",
-                )
+                for gamma, name, title in (
+                    (0.0, "confusion.png", "uncalibrated (raw cosine, γ = 0)"),
+                    (
+                        gammas[method],
+                        "confusion_calibrated.png",
+                        f"calibrated stacking (seen scores − γ, γ = {gammas[method]:.3f})",
+                    ),
+                ):
+                    _confusion_png(
+                        scores - gamma * (~unseen_classes)[None, :],
+                        targets,
+                        all_names,
+                        unseen_classes,
+                        Path(config.out) / name,
+                        title,
+                    )
         rows[method] = row
 
     report = {
@@ -343,7 +425,7 @@ def evaluate(config: EvalConfig) -> dict:
         "backbone": spec.backbone,
         "image_size": spec.image_size,
         "head": spec.kind,
-        "vectors": spec.vectors_id or spec.vectors,
+        "vectors": vectors.id,
         "counts": counts,
         "seen_classes": seen_names,
         "unseen_classes": unseen_names,
@@ -367,7 +449,7 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-def _confusion_png(scores, targets, names, unseen_classes, out: Path) -> None:
+def _confusion_png(scores, targets, names, unseen_classes, out: Path, how: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,9 +477,9 @@ def _confusion_png(scores, targets, names, unseen_classes, out: Path) -> None:
                     fontsize=7,
                     color="white" if frac[i, j] > 0.5 else "black",
                 )
-    ax.set_xlabel("predicted (among all classes, calibrated)")
+    ax.set_xlabel("predicted (among all classes)")
     ax.set_ylabel("true class (* = held out, never trained on)")
-    ax.set_title("DeViSE confusion: test + unseen images")
+    ax.set_title(f"DeViSE confusion, test + held-out images:\n{how}", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -414,7 +496,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         (
             f"Backbone {report['backbone']} at {report['image_size']} px, {report['head']} head, "
-            f"word vectors {report['vectors']}. {c['train_images']} train, {c['test_images']} test "
+            f"text space {report['vectors']}. {c['train_images']} train, {c['test_images']} test "
             f"and {c['unseen_images']} unseen images; {c['seen_classes']} training classes, "
             f"{c['unseen_classes']} held out ({', '.join(report['unseen_classes']) or 'none'})."
         ),
@@ -453,15 +535,18 @@ def markdown_report(report: dict) -> str:
                     f"{_fmt(g['H'])} |"
                 )
     cal = report["calibration"]
-    if cal.get("pseudo_unseen"):
+    if cal.get("draws"):
+        optima = ", ".join(f"{d['gamma']:.2f}" for d in cal["draws"])
         lines += [
             "",
             (
-                f"γ was chosen on the training split only: training classes "
-                f"{', '.join(cal['pseudo_unseen'])} held out as pseudo-unseen, an auxiliary head "
-                f"trained on the rest, γ maximising H on {cal['validation_rows']} validation images "
-                "(ConSE, which has no training, takes its γ from the training images with the same "
-                "pseudo-unseen classes)."
+                f"γ was chosen on the training split only: in each of {len(cal['draws'])} draws "
+                f"{len(cal['draws'][0]['pseudo_unseen'])} training classes were held out as "
+                f"pseudo-unseen and an auxiliary head was trained on the rest like the real one "
+                f"({cal['aux_epochs']} epochs, recipe from {Path(cal['recipe_source']).name}); "
+                f"γ maximises the mean H over the draws (per-draw optima "
+                f"{optima}). ConSE, which has no "
+                "training, takes its γ from the training images with the first draw's classes."
             ),
         ]
     if report.get("conse"):
@@ -478,10 +563,14 @@ def run_cli(args: argparse.Namespace) -> int:
     init_ray(args.address)
     config = EvalConfig(
         model=args.model, catalog=args.catalog, out=args.out, feature_cache=args.feature_cache,
-        conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen, seed=args.seed,
+        conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen,
+        calibration_draws=args.calibration_draws, seed=args.seed,
         address=args.address, **resolve_resources(resources_from_args(args)).as_kwargs(),
     )  # fmt: skip
     report = evaluate(config)
     print((Path(args.out) / "report.md").read_text())
-    print(f"Wrote {Path(args.out) / 'metrics.json'}, report.md and confusion.png")
+    print(
+        f"Wrote {Path(args.out) / 'metrics.json'}, report.md, confusion.png (uncalibrated) and "
+        "confusion_calibrated.png"
+    )
     return 0 if report else 1

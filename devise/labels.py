@@ -7,10 +7,18 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from devise.vectors import UnknownWordError, WordVectors
+from devise.text import TextSpace, as_text_space
+
+if TYPE_CHECKING:
+    from devise.vectors import WordVectors
+
+# How a class with several names (Tiny ImageNet's synonym lists) gets one vector:
+# "mean" averages each name's unit encoding; "joined" encodes the names joined by ", ".
+SYNONYM_STRATEGIES = ("mean", "joined")
 
 
 @dataclass
@@ -87,24 +95,33 @@ def class_name(info: ClassInfo) -> str:
     return info.names[0] if info.names else info.key
 
 
-def class_vectors(classes: Sequence[ClassInfo], vectors: WordVectors) -> ClassVectors:
-    """Unit-length mean word vector of each class's names; classes with none are excluded.
+def class_vectors(
+    classes: Sequence[ClassInfo], space: TextSpace | WordVectors, synonyms: str = "mean"
+) -> ClassVectors:
+    """Unit-length vector of each class from its names; classes with none are excluded.
 
-    Each name is looked up as a phrase (vectors.lookup); names without a vector are ignored.
-    Excluded classes are named in one warning; if no class has a vector, ValueError.
+    Each name is encoded as a phrase by the text space (space.encode). A class with several
+    names: synonyms="mean" averages the unit encodings of the names that have one, "joined"
+    encodes "name1, name2, ..." as one text (with a word table this is the mean over all their
+    words). Excluded classes are named in one warning; if no class has a vector, ValueError.
     """
+    if synonyms not in SYNONYM_STRATEGIES:
+        raise ValueError(f"synonyms must be one of {SYNONYM_STRATEGIES}, not {synonyms!r}.")
+    space = as_text_space(space)
+    texts: list[list[str]] = []
+    for info in classes:
+        names = [n for n in info.names if space.has_vector(n)]
+        if synonyms == "joined" and len(names) > 1:
+            names = [", ".join(names)]
+        texts.append(names)
+    flat = list(dict.fromkeys(t for names in texts for t in names))
+    encoded = dict(zip(flat, space.encode(flat))) if flat else {}
     keys: list[str] = []
     display: list[str] = []
     rows: list[np.ndarray] = []
     missing: list[ClassInfo] = []
-    for info in classes:
-        found = []
-        for name in info.names:
-            try:
-                found.append(vectors.lookup(name))
-            except UnknownWordError:
-                continue
-        mean = np.mean(found, axis=0, dtype=np.float64) if found else None
+    for info, names in zip(classes, texts):
+        mean = np.mean([encoded[n] for n in names], axis=0, dtype=np.float64) if names else None
         norm = float(np.linalg.norm(mean)) if mean is not None else 0.0
         if norm == 0.0 or not np.isfinite(norm):
             missing.append(info)
@@ -117,14 +134,14 @@ def class_vectors(classes: Sequence[ClassInfo], vectors: WordVectors) -> ClassVe
             f"{c.key} ({class_name(c)})" if c.names else f"{c.key} (no names)" for c in missing
         )
         warnings.warn(
-            f"Excluded {len(missing)} of {len(classes)} classes with no word vector in "
-            f"{vectors.vectors_id}: {listed}.",
+            f"Excluded {len(missing)} of {len(classes)} classes with no vector in "
+            f"{space.id}: {listed}.",
             stacklevel=2,
         )
     if not rows:
         raise ValueError(
-            f"None of the {len(classes)} classes has a word vector in {vectors.vectors_id}; "
-            "check the class names or pass another --vectors table."
+            f"None of the {len(classes)} classes has a vector in {space.id}; "
+            "check the class names or pass another --vectors text space."
         )
     return ClassVectors(
         keys=keys,

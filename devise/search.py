@@ -1,5 +1,6 @@
-"""Exact cosine search over an embeddings version (EmbeddingIndex, top_k), the montage of results,
-and the `devise search` command (on top of devise.api.Index)."""
+"""Search an embeddings folder: words, phrases or an image -> exact cosine top-k images, a
+montage of the results, the labels (from a label vocabulary) nearest to an image, and the
+`devise search` command (on top of devise.api.Index)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from devise.store import EmbedError, embedding_matrix, read_version
 
 # Scores of one block of queries against all rows stay under this many bytes.
 _BLOCK_BYTES = 256 << 20
+
+
+# "What does the model think this image shows" looks among these labels by default: the
+# model's training classes plus the classes named in the embeddings folder.
+DEFAULT_VOCABULARY = "classes"
 
 
 class SearchError(DeviseError, ValueError):
@@ -186,52 +192,104 @@ class EmbeddingIndex:
             )
         return out
 
-    def check_vectors(self, word_vectors) -> None:
-        """Refuse word vectors whose size or identity differ from the ones the model used."""
+    def check_vectors(self, space) -> None:
+        """Refuse a text space whose size or identity differ from the one the model used."""
+        from devise.text import as_text_space
+
+        space = as_text_space(space)
         want_id = self.manifest.get("vectors_id") or ""
-        if word_vectors.dim != self.dim:
+        if space.dim != self.dim:
             raise SearchError(
-                f"{self.emb_dir} holds {self.dim}-d embeddings (word vectors "
-                f"{want_id or self.manifest.get('vectors')}) but the word vectors "
-                f"{word_vectors.vectors_id} are {word_vectors.dim}-d; pass --vectors with the "
-                "table the model was trained on."
+                f"{self.emb_dir} holds {self.dim}-d embeddings (text space "
+                f"{want_id or self.manifest.get('vectors')}) but the text space {space.id} is "
+                f"{space.dim}-d; pass --vectors with the one the model was trained on."
             )
-        if want_id and word_vectors.vectors_id != want_id:
+        if want_id and space.id != want_id:
             raise SearchError(
-                f"{self.emb_dir} was embedded for word vectors {want_id}, not "
-                f"{word_vectors.vectors_id}; pass --vectors with the table the model was "
-                "trained on."
+                f"{self.emb_dir} was embedded for text space {want_id}, not {space.id}; pass "
+                "--vectors with the one the model was trained on."
             )
 
     def word_vectors(self, source: str | os.PathLike | None = None):
-        """The word vectors named in the manifest (or `source`), checked against the folder."""
-        from devise.vectors import load_vectors
+        """The text space named in the manifest (or `source`), checked against the folder."""
+        from devise.text import load_text_space
 
         src = source or self.manifest.get("vectors")
         if not src:
-            raise SearchError(f"{self.emb_dir} names no word vectors; pass --vectors.")
-        wv = load_vectors(src)
-        self.check_vectors(wv)
-        return wv
+            raise SearchError(f"{self.emb_dir} names no text space; pass --vectors.")
+        space = load_text_space(src)
+        self.check_vectors(space)
+        return space
 
 
-def query_vector(text: str, word_vectors) -> np.ndarray:
-    """A word or phrase -> its unit (D,) float32 vector; UnknownWordError (with the nearest
-    spellings) when no token of it has a vector."""
-    v = np.asarray(word_vectors.lookup(text), dtype=np.float32)
-    norm = float(np.linalg.norm(v))
-    if norm == 0.0:
-        raise SearchError(f'The word vector of "{text}" is all zeros; try another word.')
-    return v / norm
+def query_vector(text: str, space) -> np.ndarray:
+    """A word or phrase -> its unit (D,) float32 vector. With a word table, UnknownWordError
+    (with the nearest spellings) when no word of it has a vector."""
+    from devise.text import as_text_space
+
+    v = as_text_space(space).encode([text])[0]
+    if not np.any(v):
+        raise SearchError(f'The vector of "{text}" is all zeros; try other words.')
+    return v
 
 
 def search_text(
-    index: EmbeddingIndex, queries: Sequence[str], word_vectors, k: int = 10
+    index: EmbeddingIndex, queries: Sequence[str], space, k: int = 10
 ) -> list[list[SearchResult]]:
-    """Words or phrases -> the k nearest images each."""
-    q = np.stack([query_vector(t, word_vectors) for t in queries])
+    """Words or phrases -> the k nearest images each (queries encoded in one batch)."""
+    from devise.text import as_text_space
+
+    q = as_text_space(space).encode(list(queries))
     scores, idx = index.search(q, k)
     return index.results(queries, scores, idx)
+
+
+def label_vocabulary(index: EmbeddingIndex, source: str | None = None) -> list[str]:
+    """Labels to name an image with: "classes" (the model's training classes and the classes
+    named in the embeddings folder), "imagenet" (ImageNet-1k's 1,000 names) or a text FILE
+    with one label a line."""
+    source = source or DEFAULT_VOCABULARY
+    if source == "classes":
+        from devise.model import load_spec
+
+        names: list[str] = []
+        model_dir = Path(index.manifest.get("model_dir") or "")
+        if str(model_dir) and (model_dir / "spec.json").is_file():
+            names += list(load_spec(model_dir).class_names)
+        names += [str(n) for n in index.class_names if n is not None]
+        return list(dict.fromkeys(n for n in names if n))
+    if source == "imagenet":
+        from devise.backbones import imagenet_categories
+
+        return list(dict.fromkeys(imagenet_categories()))
+    path = Path(source).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError) as e:
+        raise SearchError(
+            f"Label vocabulary {path} cannot be read ({e}); pass --vocabulary classes, imagenet "
+            "or a UTF-8 text file with one label a line."
+        ) from None
+    labels = list(dict.fromkeys(" ".join(x.split()) for x in lines if x.strip()))
+    if not labels:
+        raise SearchError(f"Label vocabulary {path} holds no label; put one label a line.")
+    return labels
+
+
+def nearest_labels(
+    vec: np.ndarray, space, labels: Sequence[str], k: int = 10
+) -> list[tuple[str, float]]:
+    """The k labels whose encodings are nearest (cosine) to a unit vector, best first. Labels a
+    word table has no vector for are skipped."""
+    from devise.text import as_text_space
+
+    space = as_text_space(space)
+    usable = [x for x in labels if space.has_vector(x)]
+    if not usable or k <= 0:
+        return []
+    scores = space.encode(usable) @ np.asarray(vec, dtype=np.float32)
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [(usable[i], float(scores[i])) for i in top]
 
 
 def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = None) -> Path:
@@ -331,7 +389,8 @@ def run_cli(args: argparse.Namespace) -> int:
         hits = index.search_image(args.image, args.k, include_self=args.include_self)
         labels = []
         if args.words > 0:
-            labels = index.nearest_labels(index.encode_images([args.image])[0], args.words)
+            vec = index.encode_images([args.image])[0]
+            labels = index.nearest_labels(vec, args.words, vocabulary=args.vocabulary)
         rows = [_results(str(args.image), hits)]
         if args.json:
             payload = {

@@ -80,7 +80,7 @@ class TrainConfig:
 
     catalog: str
     out: str
-    vectors: str = "glove-100d"
+    vectors: str = "minilm"
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
     image_size: int | None = None  # None: the backbone's own size
@@ -207,7 +207,8 @@ def select_rows(
 def training_classes(catalog: pd.DataFrame, vectors) -> Any:
     """ClassVectors of the classes with training rows (never the held-out `unseen` ones).
 
-    Classes without a word vector are excluded with a warning (labels.class_vectors)."""
+    Classes without a vector in the text space are excluded with a warning
+    (labels.class_vectors)."""
     from devise.labels import ClassInfo, class_vectors
 
     train = catalog[catalog["split"] == "train"]
@@ -229,7 +230,7 @@ def training_classes(catalog: pd.DataFrame, vectors) -> Any:
 
 def _read_inputs(config: TrainConfig):
     from devise.catalog import read_catalog
-    from devise.vectors import load_vectors
+    from devise.text import load_text_space
 
     if not Path(config.catalog).expanduser().exists():
         raise TrainError(
@@ -239,7 +240,7 @@ def _read_inputs(config: TrainConfig):
     if "class_name" not in catalog.columns:
         catalog["class_name"] = catalog["label"]
     catalog = select_rows(catalog, config.max_train_per_class, config.seed)
-    vectors = load_vectors(config.vectors)
+    vectors = load_text_space(config.vectors)
     classes = training_classes(catalog, vectors)
     return catalog, vectors, classes
 
@@ -523,7 +524,7 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
         backbone_weights=None if config.weights is None else str(Path(config.weights).resolve()),
         image_size=image_size,
         vectors=str(config.vectors),
-        vectors_id=vectors.vectors_id,
+        vectors_id=vectors.id,
         class_keys=list(classes.keys),
         class_names=list(classes.names),
     )

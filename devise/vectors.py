@@ -21,6 +21,7 @@ from typing import IO
 import numpy as np
 
 from devise.errors import DeviseError
+from devise.home import devise_home
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,11 @@ class WordVectors:
     def has_vector(self, phrase: str) -> bool:
         """True if `lookup(phrase)` would return a vector."""
         return bool(self._phrase_rows(phrase)[0])
+
+    def missing_words(self, phrase: str) -> list[str]:
+        """The words of a phrase that have no vector and would be left out of its average."""
+        rows, missing = self._phrase_rows(phrase)
+        return missing if rows else []
 
     def lookup(self, phrase: str) -> np.ndarray:
         """(D,) float32 vector of a word or phrase, not normalised.
@@ -289,9 +295,7 @@ def _bisect_row(order: np.ndarray, key: str, word_at: Callable[[int], str]) -> i
 
 
 def default_cache_dir() -> Path:
-    """$DEVISE_HOME/vectors (see assets.devise_home)."""
-    from devise.assets import devise_home
-
+    """$DEVISE_HOME/vectors (see home.devise_home)."""
     return devise_home() / "vectors"
 
 
@@ -664,27 +668,24 @@ def load_vectors(
     source: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
     max_words: int | None = None,
+    *,
+    vectors_id: str | None = None,
 ) -> WordVectors:
-    """Word vectors from "glove-100d" (the embedded default), a vector file, or a cache folder.
+    """Word vectors from a vector file (.vec/.txt(.gz)/wink .json) or a cache folder.
 
     The first load of a file converts it into the cache (see convert_to_cache); later loads
-    memory-map the cached matrix and take well under a second.
+    memory-map the cached matrix and take well under a second. vectors_id names the table
+    (default: the file's stem and a hash of its content). Named tables such as "glove-100d" are
+    resolved by devise.text.
     """
-    vectors_id = None
-    if str(source) == DEFAULT_VECTORS:
-        from devise import assets  # lazy: the asset fetcher is only needed for the default
-
-        path = Path(assets.glove_json_path())
-        vectors_id = DEFAULT_VECTORS
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir() and (path / "meta.json").is_file():
-            return load_cache(path)
-        if not path.is_file():
-            raise VectorFileError(
-                f"Word-vector file {path} does not exist; pass --vectors PATH to a .vec/.txt "
-                f"file or '{DEFAULT_VECTORS}'."
-            )
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "meta.json").is_file():
+        return load_cache(path, vectors_id=vectors_id)
+    if not path.is_file():
+        raise VectorFileError(
+            f"Word-vector file {path} does not exist; pass --vectors PATH to a .vec/.txt "
+            f"file or '{DEFAULT_VECTORS}'."
+        )
     folder = convert_to_cache(path, cache_dir, vectors_id=vectors_id, max_words=max_words)
     return load_cache(folder, vectors_id=vectors_id)
 

@@ -255,7 +255,8 @@ def run_cli(argv):
 def test_cli_prints_a_table(home, fake_raw, capsys):
     assert run_cli(["assets", "--only", "images", "--per-class", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "path", "size", "source"]
+    assert lines[0].split() == ["name", "path", "size", "source", "licence"]
+    assert lines[2].rstrip().endswith("MIT")
     assert str(home / "data" / "fashion-mnist-1") in lines[2]
     assert "Debian dataset-fashion-mnist" in lines[2]
 

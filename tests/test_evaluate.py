@@ -68,6 +68,10 @@ def test_evaluate_writes_the_paper_tables(ray_session, image_tree, vec_file, tmp
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| DeViSE |" in md and "| softmax |" in md and "calibrated stacking" in md
     assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "confusion_calibrated.png").stat().st_size > 1000
+    cal = report["calibration"]
+    assert len(cal["draws"]) == 5 and cal["aux_epochs"] == 5
+    assert len({tuple(d["pseudo_unseen"]) for d in cal["draws"]}) > 1  # different draws
     assert markdown_report(report) == md
     assert torch.is_tensor(next(trained.parameters()))
 

@@ -78,9 +78,10 @@ def test_class_vectors_exclude_classes_without_vectors_in_one_warning(tiny_root,
     assert cv.names == ["steel arch bridge", "goldfish"]
     assert cv.missing == ["n03", "n04"]
     assert cv.matrix.shape == (2, 6) and cv.matrix.dtype == np.float32
-    # n01: mean of the phrase vector (itself a mean of 3 words) and "bridge", then unit length.
+    # n01: mean of the unit phrase vector (itself a mean of 3 words) and unit "bridge".
     phrase = (vec(wv, "steel") + vec(wv, "arch") + vec(wv, "bridge")) / 3
-    np.testing.assert_allclose(cv.matrix[0], unit((phrase + vec(wv, "bridge")) / 2), atol=1e-6)
+    want = unit(unit(phrase) + unit(vec(wv, "bridge")))
+    np.testing.assert_allclose(cv.matrix[0], want, atol=1e-6)
     # n02: "carassius auratus" has no vector, so only "goldfish" counts.
     np.testing.assert_allclose(cv.matrix[1], unit(vec(wv, "goldfish")), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(cv.matrix, axis=1), 1.0, atol=1e-6)

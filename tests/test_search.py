@@ -149,7 +149,7 @@ def test_mismatched_vectors_are_refused(emb_dir, tmp_path, capsys):
     write_vec(other, WORDS, dim=8, seed=7)
     rc = cli.main(["search", "cat", "--embeddings", str(emb_dir), "--vectors", str(other)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "was embedded for word vectors" in err
+    assert rc == 2 and "was embedded for text space" in err
 
 
 def test_missing_folder_is_one_clear_error(tmp_path, capsys):
@@ -185,7 +185,7 @@ def test_readers_never_see_staged_or_uncommitted_data(emb_dir, word_vectors):
     assert len(EmbeddingIndex.open(emb_dir, version=before.version)) == 12
 
 
-def test_image_query_finds_itself_and_nearest_words(tmp_path, image_tree, vec_file, capsys):
+def test_image_query_finds_itself_and_nearest_labels(tmp_path, image_tree, vec_file, capsys):
     """Embed in-process (no Ray), then search with one of the images."""
     wv = load_vectors(vec_file)
     torch.manual_seed(0)
@@ -217,9 +217,26 @@ def test_image_query_finds_itself_and_nearest_words(tmp_path, image_tree, vec_fi
     data = json.loads(capsys.readouterr().out)
     assert data["images"][0]["path"] == str(query)
     assert data["images"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    # Nearest labels come from the version's class names, not the whole word table.
-    labels = [w["label"] for w in data["labels"]]
-    assert len(labels) == 4 and set(labels) <= {"cat", "dog", "car", "ship", "ankle boot"}
+    # Nearest labels come from the label vocabulary: by default the model's classes.
+    classes = set(spec.class_names)
+    assert len(data["labels"]) == 4 and all(w["label"] in classes for w in data["labels"])
+    scores = [w["score"] for w in data["labels"]]
+    assert scores == sorted(scores, reverse=True)
+    vocab = tmp_path / "labels.txt"
+    vocab.write_text("kitten\nshoe\n\nbridge\nshoe\n", encoding="utf-8")
+    rc = cli.main(
+        ["search", "--image", str(query), "--embeddings", str(out), "--words", "5",
+         "--vocabulary", str(vocab), "--json"]
+    )  # fmt: skip
+    assert rc == 0
+    got = [w["label"] for w in json.loads(capsys.readouterr().out)["labels"]]
+    assert sorted(got) == ["bridge", "kitten", "shoe"]
+    rc = cli.main(
+        ["search", "--image", str(query), "--embeddings", str(out), "--words", "3",
+         "--vocabulary", str(tmp_path / "none.txt")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "none.txt" in err and len(err.splitlines()) == 1
     # Another model than the one that embedded the folder is refused.
     torch.manual_seed(1)
     save_model(tmp_path / "model2", DeviseHead(spec).eval())

@@ -5,14 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import devise
 from devise import vectors as V
 from devise.vectors import (
     UnknownWordError,
@@ -108,17 +105,6 @@ def test_wink_json(tmp_path):
     np.testing.assert_allclose(got, mat, atol=1e-6)  # the norm and index columns are dropped
     wv = load_vectors(path, cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(wv.lookup("steel"), mat[WORDS.index("steel")], atol=1e-6)
-
-
-def test_glove_100d_resolves_through_assets(tmp_path, monkeypatch):
-    path = write_wink(tmp_path / "wink.json", WORDS, table(dim=4))
-    fake = types.ModuleType("devise.assets")
-    fake.glove_json_path = lambda: path
-    monkeypatch.setitem(sys.modules, "devise.assets", fake)
-    monkeypatch.setattr(devise, "assets", fake, raising=False)
-    wv = load_vectors("glove-100d", cache_dir=tmp_path / "cache")
-    assert wv.vectors_id == "glove-100d"
-    assert "dog" in wv and wv.dim == 4
 
 
 def test_words_with_spaces_take_everything_before_the_last_d_fields(tmp_path):

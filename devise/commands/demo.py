@@ -31,7 +31,15 @@ def add_cli(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=15, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch per worker")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("-k", type=int, default=8, help="results per search")
+    p.add_argument("-k", type=int, default=10, help="results per search")
+    p.add_argument("--vectors", default="minilm", help="text space to train and search with")
+    p.add_argument(
+        "--compare",
+        type=_names,
+        default=["glove-100d"],
+        help="text spaces trained on the same cached features for the comparison table "
+        "(comma list; empty for none)",
+    )
     add_ray_args(p, workers_help="Ray Train workers, and model actors of each Ray Data stage")
     p.set_defaults(func=run)
 

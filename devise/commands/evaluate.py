@@ -20,7 +20,13 @@ def add_cli(subparsers) -> None:
         "--pseudo-unseen",
         type=int,
         default=None,
-        help="training classes held out to calibrate GZSL (default: a third of them)",
+        help="training classes held out per calibration draw (default: a fifth of them)",
+    )
+    p.add_argument(
+        "--calibration-draws",
+        type=int,
+        default=5,
+        help="pseudo-unseen draws whose H curves are averaged to choose γ",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch")
     p.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")

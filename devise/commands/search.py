@@ -11,7 +11,9 @@ def add_cli(subparsers) -> None:
         help="search embedded images by words, phrases or an image",
         description="Exact cosine top-k over the current version of an embeddings folder.",
     )
-    p.add_argument("queries", nargs="*", metavar="QUERY", help="words or phrases")
+    p.add_argument(
+        "queries", nargs="*", metavar="QUERY", help="words or phrases (any phrase with an encoder)"
+    )
     p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -29,8 +31,14 @@ def add_cli(subparsers) -> None:
         metavar="N",
         help="with --image: also show the N class names nearest to the image",
     )
+    p.add_argument(
+        "--vocabulary",
+        default="classes",
+        help="with --words: labels to name the image with: classes (the model's and the "
+        "folder's), imagenet (1,000 ImageNet names) or a FILE with one label a line",
+    )
     p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
-    p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
+    p.add_argument("--vectors", help="text space (default: the one named in the model spec)")
     p.add_argument("--version", help="search this version instead of the current one")
     p.set_defaults(func=run)
 

@@ -15,7 +15,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     """The `train` flags (shared by `devise train` and jobs/train.py)."""
     p.add_argument("--catalog", required=True, help="catalog parquet from `devise catalog`")
     p.add_argument("--out", required=True, help="RUN_DIR for checkpoints, metrics and the model")
-    p.add_argument("--vectors", default="glove-100d", help="glove-100d or a .vec/.txt PATH")
+    p.add_argument(
+        "--vectors",
+        default="minilm",
+        help="text space of the class names: minilm (all-MiniLM-L6-v2 sentence encoder), "
+        "glove-100d, a .vec/.txt PATH or a sentence-transformers model folder",
+    )
     p.add_argument("--backbone", default="efficientnet_lite0", help="frozen image backbone")
     p.add_argument("--weights", default=None, help="backbone weights file (state_dict)")
     p.add_argument(
