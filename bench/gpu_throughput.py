@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devise.backbones import load_backbone
 from devise.losses import rank_loss
 from devise.model import DeviseHead, HeadSpec
+from devise.pipeline import forward_images, prepare_for_inference, to_device
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0, "L40S": 362}
@@ -62,25 +64,23 @@ def count_flops(fn) -> int:
 
 
 def embed_case(name: str, size: int, batch: int, device: torch.device, seconds: float) -> dict:
-    """Backbone + head over preloaded uint8 batches on the device (the raw forward), and with a
-    pinned host batch copied in each step (what a data loader feeds)."""
-    backbone = load_backbone(name, random_init=True).to(device)
-    backbone = backbone.to(memory_format=torch.channels_last)
+    """The embedding path of devise.pipeline (the model actor's preparation and forward:
+    channels_last, bf16 autocast, uint8 in): on batches already on the device (the raw forward),
+    and on numpy batches copied in through pinned memory each step (what the actor is fed)."""
+    backbone = prepare_for_inference(load_backbone(name, random_init=True), device)
     head = DeviseHead(HeadSpec(in_dim=backbone.info.feature_dim, out_dim=300, backbone=name))
     head = head.to(device).eval()
-    images = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
-    host = images.cpu().pin_memory() if device.type == "cuda" else images.cpu()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    host = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    images = to_device(host, device)
 
     @torch.inference_mode()
     def step(x=None):
-        with amp:
-            return head(backbone(images if x is None else x).float())
+        return forward_images(backbone, head, images if x is None else x)
 
     flops = count_flops(lambda: step()) / batch
     elapsed, iters = _timed(step, device, seconds)
     ips = batch * iters / elapsed
-    elapsed_h, iters_h = _timed(lambda: step(host.to(device, non_blocking=True)), device, seconds)
+    elapsed_h, iters_h = _timed(lambda: step(to_device(host, device)), device, seconds)
     return {
         "case": f"embed {name}@{size}",
         "batch": batch,

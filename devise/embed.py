@@ -113,7 +113,9 @@ class EmbedConfig:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     torch_threads: int | None = None
-    local: bool = False  # run in this process, without Ray (small folders, tests)
+    executor: str = "auto"  # auto, ray or local (devise.executors.choose_executor)
+    local: bool = False  # the same as executor="local"
+    address: str | None = None  # Ray cluster for the ray executor (default: RAY_ADDRESS)
     wait_lock_s: float = 0.0
     stale_lock_s: float = 600.0
     keep_versions: int = DEFAULT_KEEP_VERSIONS
@@ -150,23 +152,6 @@ PIPELINE_FIELDS = (
 Runner = Callable[[pd.DataFrame, object], Iterator[dict[str, np.ndarray]]]
 
 
-def run_local(table: pd.DataFrame, config) -> Iterator[dict[str, np.ndarray]]:
-    """The pipeline in this process, without Ray: same decode and model code, batch by batch."""
-    from devise.pipeline import ModelActor, decode_batch
-
-    actor = ModelActor(
-        config.backbone,
-        config.weights,
-        config.head_dir,
-        device="cuda" if config.use_gpu else "cpu",
-        torch_threads=config.torch_threads,
-    )
-    cols = {c: table[c].to_numpy() for c in table.columns}
-    for a in range(0, len(table), config.batch_size):
-        batch = {c: v[a : a + config.batch_size] for c, v in cols.items()}
-        yield actor(decode_batch(batch, config.backbone, config.image_size))
-
-
 def embed(
     config: EmbedConfig,
     on_part: Callable[[PartInfo], None] | None = None,
@@ -180,9 +165,10 @@ def embed(
     they lost are embedded again. Chunks finished by an interrupted run of the same model are
     reused, not recomputed. on_part is called after each chunk is staged (progress; tests).
     """
+    from devise.executors import pick_runner
     from devise.model import load_spec
     from devise.model import model_id as compute_model_id
-    from devise.pipeline import PipelineConfig, run_images
+    from devise.pipeline import PipelineConfig
 
     t0 = time.perf_counter()
     model_dir = Path(config.model_dir).expanduser()
@@ -229,7 +215,13 @@ def embed(
                 head_dir=str(model_dir),
                 **{k: getattr(config, k) for k in PIPELINE_FIELDS},
             )
-            run = runner or (run_local if config.local else run_images)
+            run = runner or pick_runner(
+                "local" if config.local else config.executor,
+                len(run_table),
+                config.address,
+                config.use_gpu,
+                config.num_workers,
+            )
             schema = embedding_schema(spec.out_dim, meta)
             writer = store.writer(staging, run_table, schema, mid, config.chunk_rows, on_part)
             feed = pd.DataFrame({"path": run_table["path"], "row": np.arange(len(run_table))})
@@ -314,6 +306,19 @@ def _parse_splits(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _executor_choice(args: argparse.Namespace):
+    """The executor for `devise embed`'s flags: --local/--executor, else Ray when a cluster is
+    named (--address, RAY_ADDRESS, a cluster `ray start` recorded) or several GPU workers."""
+    from devise.executors import choose_executor
+    from devise.runtime import ray_address
+
+    requested = "local" if args.local else args.executor
+    address = args.address or (ray_address(None)[0] if requested == "auto" else None)
+    return choose_executor(
+        requested, address=address, use_gpu=args.use_gpu, workers=args.num_workers
+    )
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """`devise embed` (flags: devise/commands/embed.py). SIGTERM or Ctrl-C stops the run with
     one line (exit 143 or 130), finished chunks kept for the rerun."""
@@ -329,7 +334,9 @@ def run_cli(args: argparse.Namespace) -> int:
     staging = Path(args.out).expanduser() / STAGING_DIR
     try:
         with _sigterm_unwinds() as rearm:
-            if not args.local:
+            choice = _executor_choice(args)
+            print(choice.line(), flush=True)
+            if choice.name == "ray":
                 init_ray(args.address)
                 rearm()
             res = resolve_resources(resources_from_args(args))
@@ -346,7 +353,8 @@ def run_cli(args: argparse.Namespace) -> int:
                 chunk_rows=args.chunk_rows,
                 **res.as_kwargs(),
                 torch_threads=args.torch_threads,
-                local=args.local,
+                executor=choice.name,
+                address=args.address,
                 wait_lock_s=args.wait_lock,
                 keep_versions=args.keep_versions,
             )

@@ -10,15 +10,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from devise.backbones import backbone_info, load_backbone, prepare_transform
 from devise.images import ImageDecodeError, decode_image, read_file_bytes
+
+if TYPE_CHECKING:  # pandas is not needed to run the model (bench/gpu.sh machines lack it)
+    import pandas as pd
 
 
 @dataclass
@@ -32,12 +36,13 @@ class PipelineConfig:
     head_dir: str | None = None  # None: output backbone features; else head embeddings
     batch_size: int = 64
     num_workers: int = 1  # actors running the model
-    cpus_per_worker: float = 1.0
-    decode_cpus: float = 1.0  # per decode task
+    cpus_per_worker: float | None = 1.0  # None: a fair share of a small cluster (executors.run_ray)
+    decode_cpus: float | None = 1.0  # per decode task; None: min(1, cpus_per_worker)
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     torch_threads: int | None = None  # CPU threads per actor; None: torch's default
     blocks: int | None = None  # number of input blocks; None: enough to keep every actor busy
+    decode_workers: int | None = None  # local executor's decode processes; None: cores / 4
     extra: dict = field(default_factory=dict)
 
 
@@ -84,6 +89,94 @@ def decode_batch(
     return out
 
 
+def fold_batchnorm(model: torch.nn.Module, probe: torch.Tensor) -> int:
+    """Fold every BatchNorm2d that reads a Conv2d's output straight into that convolution (in
+    eval mode BN is a per-channel affine map, so conv weights absorb it exactly), in place.
+
+    The pairs are found by running `probe` once with hooks, so no model needs a table of its
+    layers; the result is checked against the unfolded output on the probe and undone if it
+    differs. Returns the number of BatchNorm layers folded.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    produced: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+
+    def conv_hook(m, args, out):
+        produced[id(out)] = (m, out)  # the tensor is kept so its id is not reused
+
+    def bn_hook(m, args, out):
+        conv = produced.get(id(args[0]))
+        if conv is not None and conv[1] is args[0]:
+            pairs.append((conv[0], m))
+
+    hooks = [
+        m.register_forward_hook(conv_hook if isinstance(m, torch.nn.Conv2d) else bn_hook)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))
+    ]
+    try:
+        with torch.inference_mode():
+            want = model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    produced.clear()
+    convs = [c for c, _ in pairs]
+    bns = [b for _, b in pairs]
+    names = {m: n for n, m in model.named_modules()}
+    undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    for conv, bn in pairs:
+        if convs.count(conv) != 1 or bns.count(bn) != 1:  # a layer used twice: leave it
+            continue
+        for name, new in ((names[conv], fuse_conv_bn_eval(conv, bn)), (names[bn], None)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            undo.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new if new is not None else torch.nn.Identity())
+    with torch.inference_mode():
+        got = model(probe)
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6):
+        for parent, child, old in reversed(undo):
+            setattr(parent, child, old)
+        return 0
+    return len(undo) // 2
+
+
+def prepare_for_inference(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A frozen backbone as every executor and the benches run it: BatchNorm folded into the
+    convolutions, on device, eval mode, weights in channels_last (the layout FrozenBackbone
+    feeds its trunk, so convolutions need no reorder)."""
+    size = max(32, getattr(getattr(module, "info", None), "image_size", 64) // 4)
+    probe = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    fold_batchnorm(module.eval(), probe)
+    return module.to(device).to(memory_format=torch.channels_last)
+
+
+def forward_images(
+    backbone: torch.nn.Module, head: torch.nn.Module | None, images: torch.Tensor
+) -> torch.Tensor:
+    """uint8 images (B, S, S, 3) already on the model's device -> float32 (B, F) backbone
+    features, or (B, D) head embeddings. bf16 autocast on CUDA; call under inference_mode."""
+    device = images.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        feats = backbone(images)
+    feats = feats.float()
+    return head(feats) if head is not None else feats
+
+
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A uint8 numpy batch as a tensor on device: no copy on CPU (Ray's batches are read-only
+    views of the object store, which torch only reads here); through pinned memory on CUDA."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(images)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
 class ModelActor:
     """Ray Data actor: frozen backbone (+ optional DeViSE head) on uint8 image batches.
 
@@ -102,14 +195,12 @@ class ModelActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
-        self.backbone = load_backbone(backbone, weights).to(self.device)
+        self.backbone = prepare_for_inference(load_backbone(backbone, weights), self.device)
         self.head = None
         if head_dir is not None:
             from devise.model import load_model
 
-            self.head = load_model(head_dir).to(self.device)
-        if self.device.type == "cuda":
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+            self.head = load_model(head_dir).to(self.device).eval()
         self.out_dim = self.head.spec.out_dim if self.head else self.backbone.info.feature_dim
 
     @torch.inference_mode()
@@ -118,17 +209,14 @@ class ModelActor:
         ok = batch["error"] == ""
         name = "embedding" if self.head is not None else "feature"
         dtype = np.float32 if self.head is not None else np.float16
+        if ok.all():
+            out = forward_images(self.backbone, self.head, to_device(images, self.device))
+            batch[name] = out.cpu().numpy().astype(dtype, copy=False)
+            return batch
         out = np.zeros((len(images), self.out_dim), dtype=dtype)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device)
-            with torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-            ):
-                feats = self.backbone(x)
-            feats = feats.float()
-            if self.head is not None:
-                feats = self.head(feats)
-            out[ok] = feats.cpu().numpy().astype(dtype)
+            x = to_device(np.ascontiguousarray(images[ok]), self.device)
+            out[ok] = forward_images(self.backbone, self.head, x).cpu().numpy().astype(dtype)
         batch[name] = out
         return batch
 

@@ -63,6 +63,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")
     p.add_argument("--torch-threads", type=int, default=None, help="CPU threads per model worker")
     p.add_argument(
+        "--executor",
+        choices=("auto", "ray", "local"),
+        default="auto",
+        help="ray: Ray Data on the cluster; local: this process with decode workers; auto "
+        "(default): local unless a Ray cluster is given (--address, RAY_ADDRESS, `ray start`) "
+        "or several GPU workers are asked for; the choice is printed",
+    )
+    p.add_argument(
         "--wait-lock",
         type=float,
         default=0.0,
@@ -78,14 +86,13 @@ def add_cli(subparsers) -> None:
     add_ray_args(
         p,
         workers_help="model actors",
-        local_help="run in this process without Ray: faster for a few thousand images on one "
-        "machine (no cluster start-up)",
+        local_help="the same as --executor local",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not getattr(args, "local", False):
+    if not getattr(args, "local", False) and args.executor != "local":
         preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.embed import run_cli
 
