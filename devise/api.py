@@ -88,8 +88,10 @@ class Index:
         vectors: str | os.PathLike | None = None,
         model: str | os.PathLike | None = None,
         pinned: bool = False,
+        exact: bool = False,
     ) -> None:
         self._base = base
+        self._exact = exact
         self._vectors_source = vectors
         self._model_source = model
         self._pinned = pinned
@@ -109,10 +111,14 @@ class Index:
         *,
         vectors: str | os.PathLike | None = None,
         model: str | os.PathLike | None = None,
+        exact: bool = False,
     ) -> Index:
         """The version CURRENT names (or `version`). vectors / model override the word vectors
-        and model folder named in the version's manifest."""
-        return cls(EmbeddingIndex.open(emb_dir, version), vectors, model, pinned=bool(version))
+        and model folder named in the version's manifest. Searches go through the version's
+        approximate index (`devise index`) when it has one, unless `exact`: then, and without
+        an index, every row is scored."""
+        base = EmbeddingIndex.open(emb_dir, version, exact=exact)
+        return cls(base, vectors, model, pinned=bool(version), exact=exact)
 
     def reopen(self) -> Index:
         """The index of the version CURRENT names now: self when it has not moved (or this index
@@ -121,7 +127,11 @@ class Index:
         if self._pinned or _store_current_version(self.emb_dir) in (None, self.version):
             return self
         new = Index(
-            EmbeddingIndex.open(self.emb_dir), self._vectors_source, self._model_source, False
+            EmbeddingIndex.open(self.emb_dir, exact=self._exact),
+            self._vectors_source,
+            self._model_source,
+            False,
+            self._exact,
         )
         same_vectors = new._base.manifest.get("vectors_id") == self._base.manifest.get(
             "vectors_id"
@@ -157,8 +167,13 @@ class Index:
         return f"Index({str(self.emb_dir)!r}, version={self.version!r}, rows={len(self)})"
 
     def info(self) -> dict:
-        """{embeddings, version, rows, dim, model_id, text_space, created}."""
+        """{embeddings, version, rows, dim, model_id, text_space, created, search}; search is
+        "exact" or the approximate index's kind and measured recall@10."""
         m = self._base.manifest
+        ann = self._base.ann
+        search = "exact"
+        if ann is not None:
+            search = f"{ann.kind} (recall@10 {ann.meta.get('recall_at_10', 'n/a')})"
         return {
             "embeddings": str(self.emb_dir),
             "version": self.version,
@@ -167,6 +182,7 @@ class Index:
             "model_id": self.model_id,
             "text_space": m.get("text_space") or m.get("vectors_id") or m.get("vectors") or "",
             "created": m.get("created") or m.get("committed_at") or "",
+            "search": search,
         }
 
     # -- ids and records -----------------------------------------------------------------------

@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "devise.commands.embed",
     "devise.commands.search",
     "devise.commands.serve",
+    "devise.commands.index",
+    "devise.commands.export",
     "devise.commands.evaluate",
     "devise.commands.demo",
 )

@@ -137,6 +137,7 @@ class EmbedResult:
     seconds: float
     base_version: str | None = None
     repaired: tuple[str, ...] = ()  # damaged versions moved to EMB_DIR/damaged
+    index: str | None = None  # the approximate index carried from the previous version
 
 
 # EmbedConfig fields passed on to the pipeline as they are.
@@ -257,6 +258,9 @@ def embed(
             keep_versions=config.keep_versions,
             max_error_fraction=config.max_error_fraction,
         )
+        from devise.ann import carry_index  # a no-op unless the previous version had an index
+
+        index_line = carry_index(store.root, name, manifest)
     return EmbedResult(
         emb_dir=store.root,
         version=name,
@@ -270,6 +274,7 @@ def embed(
         seconds=time.perf_counter() - t0,
         base_version=plan.base.version if plan.base is not None else None,
         repaired=tuple(plan.damaged),
+        index=index_line,
     )
 
 
@@ -376,6 +381,8 @@ def run_cli(args: argparse.Namespace) -> int:
         f"(this run: {r.embedded} embedded, {r.resumed} resumed, {r.reused} unchanged, "
         f"{r.removed} removed) in {r.seconds:.1f}s."
     )
+    if r.index:
+        print(r.index)
     if r.repaired:
         print(f"Repaired: moved {', '.join(r.repaired)} to {r.emb_dir / 'damaged'}.")
     if r.errors:

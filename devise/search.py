@@ -104,6 +104,7 @@ class EmbeddingIndex:
         labels: np.ndarray,
         class_names: np.ndarray,
         matrix: np.ndarray,
+        ann=None,
     ) -> None:
         self.emb_dir = emb_dir
         self.manifest = manifest
@@ -111,10 +112,14 @@ class EmbeddingIndex:
         self.labels = labels
         self.class_names = class_names
         self.matrix = matrix
+        self.ann = ann  # the version's approximate index (devise.ann.AnnIndex), if any
 
     @classmethod
-    def open(cls, emb_dir: str | os.PathLike, version: str | None = None) -> EmbeddingIndex:
-        """Load the current version (the newest complete one), or a named one."""
+    def open(
+        cls, emb_dir: str | os.PathLike, version: str | None = None, exact: bool = False
+    ) -> EmbeddingIndex:
+        """Load the current version (the newest complete one), or a named one, with its
+        approximate index when it has one (`devise index`) and `exact` is False."""
         emb_dir = Path(emb_dir).expanduser()
         for attempt in range(3):
             try:
@@ -144,6 +149,7 @@ class EmbeddingIndex:
             np.asarray(col("label").to_pylist(), dtype=object),
             np.asarray(col("class_name").to_pylist(), dtype=object),
             np.ascontiguousarray(matrix),
+            None if exact else _load_ann(emb_dir, manifest["version"], len(matrix)),
         )
 
     def __len__(self) -> int:
@@ -169,7 +175,14 @@ class EmbeddingIndex:
                 f"Query vectors are {q.shape[1]}-d but {self.emb_dir} holds {self.dim}-d "
                 "embeddings; use the word vectors or model it was embedded with."
             )
-        return top_k(self.matrix, normalize_rows(q), k)
+        q = normalize_rows(q)
+        if self.ann is None:
+            return top_k(self.matrix, q, k)
+        scores, ids = self.ann.search(q, k, matrix=self.matrix)  # candidates scored exactly
+        short = (ids < 0).any(axis=1)  # lists too short to fill k: answer those exactly
+        if short.any():
+            scores[short], ids[short] = top_k(self.matrix, q[short], k)
+        return scores, ids
 
     def results(
         self, queries: Sequence[str], scores: np.ndarray, indices: np.ndarray
@@ -220,6 +233,24 @@ class EmbeddingIndex:
         space = load_text_space(src)
         self.check_vectors(space)
         return space
+
+
+def _load_ann(emb_dir: Path, version: str, rows: int):
+    """The version's approximate index, or None: no index (exact search), or one that cannot
+    be used here (faiss not installed, unreadable, wrong size), said once in a warning."""
+    import logging
+
+    from devise import ann
+    from devise.store import Store
+
+    folder = Store.open(emb_dir).version_dir(version)
+    if not ann.index_dir(folder).is_dir():
+        return None
+    try:
+        return ann.load(folder, expect_rows=rows)
+    except DeviseError as e:  # AnnError, or MissingExtraError without faiss
+        logging.getLogger(__name__).warning("Searching exactly: %s", e)
+        return None
 
 
 def query_vector(text: str, space) -> np.ndarray:
@@ -384,7 +415,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:
         raise SearchError("-k must be at least 1.")
-    index = Index.open(args.embeddings, args.version, vectors=args.vectors, model=args.model)
+    index = Index.open(
+        args.embeddings,
+        args.version,
+        vectors=args.vectors,
+        model=args.model,
+        exact=getattr(args, "exact", False),
+    )
     if args.image:
         hits = index.search_image(args.image, args.k, include_self=args.include_self)
         labels = []

@@ -861,7 +861,15 @@ class Store:
             plan = Plan(table, table.iloc[:0], table.iloc[:0], sorted(gone), previous=previous)
             staging = self.staging(f"write-{uuid.uuid4().hex[:8]}")
             w = self.writer(staging, table, embedding_schema(dim, meta), model_id, chunk_rows)
-            w.add({"row": np.arange(len(table)), "embedding": embeddings, "error": errors})
+            for a in range(0, max(1, len(table)), max(1, chunk_rows)):  # chunk_rows a part
+                sl = slice(a, a + max(1, chunk_rows))
+                w.add(
+                    {
+                        "row": np.arange(len(table))[sl],
+                        "embedding": embeddings[sl],
+                        "error": errors[sl],
+                    }
+                )
             w.flush()
             name, _ = self.commit(
                 staging,

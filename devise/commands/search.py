@@ -9,7 +9,9 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "search",
         help="search embedded images by words, phrases or an image",
-        description="Exact cosine top-k over the current version of an embeddings folder.",
+        description="Cosine top-k over the current version of an embeddings folder: exact, or "
+        "through the version's index when `devise index` built one (candidates re-scored "
+        "exactly; --exact scores every row).",
     )
     p.add_argument(
         "queries", nargs="*", metavar="QUERY", help="words or phrases (any phrase with an encoder)"
@@ -40,6 +42,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="with --image: the model folder (default: the one embedded)")
     p.add_argument("--vectors", help="text space (default: the one named in the model spec)")
     p.add_argument("--version", help="search this version instead of the current one")
+    p.add_argument(
+        "--exact", action="store_true", help="exact search even when the version has an index"
+    )
     p.set_defaults(func=run)
 
 

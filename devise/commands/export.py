@@ -1,0 +1,25 @@
+"""`devise export`: the current embeddings version as one flat parquet file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write the current embeddings version as one flat parquet file",
+        description="One parquet file: id (the row id search returns), path, label, "
+        "class_name, embedding (float32 fixed-size list, FLOAT[D] in DuckDB), for DuckDB, "
+        "pandas or faiss.",
+    )
+    p.add_argument("embeddings", metavar="EMB", help="embeddings folder (EMB_DIR)")
+    p.add_argument("--to", required=True, metavar="FILE.parquet", help="output file")
+    p.add_argument("--version", help="export this version instead of the current one")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from devise.ann import run_cli_export
+
+    return run_cli_export(args)
