@@ -25,6 +25,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import cli_start
 import embed_search
+import index_bench
 import serve_bench
 import text_encode
 import train_epoch
@@ -223,6 +224,18 @@ def rows(r: dict) -> list[Row]:
                        "one matvec"))  # fmt: skip
         out.append(Row(f"{what}, batch of 16, per query", "ms", s["ours_batch16_ms"],
                        s["notebook_batch16_ms"]))  # fmt: skip
+    # The approximate index against exact search over the same rows (the "notebook's way"
+    # column is exact search here); recall and memory are in the row's name.
+    for x in r.get("index", []):
+        i, e = x["index"], x["exact"]
+        what = (
+            f"index {x['kind']} top-10 of {x['rows']:,} x {x['dim']} clustered, recall@10 "
+            f"{i['recall_at_10']:.3f}, {i['bytes_per_vector']:.0f} B/vector (exact: "
+            f"{e['bytes_per_vector']}), vs exact search"
+        )
+        out.append(Row(f"{what}, 1 query", "ms", i["ms_one"], e["ms_one"]))
+        out.append(Row(f"{what}, batch of 16, per query", "ms", i["ms_per_query_batch16"],
+                       e["ms_per_query_batch16"]))  # fmt: skip
     return out
 
 
@@ -265,16 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--search-rows", default="100000,1000000")
     p.add_argument(
+        "--index-rows", default="1000000", help="approximate index sizes (5000000: ~1 h)"
+    )
+    p.add_argument(
         "--skip",
         default="",
         help="comma list of: cli,vectors,end_to_end,ray,embedding (both),training,search,"
-        "serve,text",
+        "serve,text,index",
     )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
     args = p.parse_args(argv)
     if args.quick:
         args.vec_rows, args.per_class, args.search_rows = 100_000, 30, "100000"
+        args.index_rows = "100000"
         args.e2e = "3:64,30:64,3:224"
     skip = set(filter(None, args.skip.split(",")))
     work = Path(tempfile.mkdtemp(prefix="devise-bench-"))
@@ -313,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if "search" not in skip:
         print("== search", flush=True)
         results["search"] = [embed_search.run_search(int(n)) for n in args.search_rows.split(",")]
+        _save(results, args.out)
+    if "index" not in skip:
+        print("== approximate index against exact search", flush=True)
+        results["index"] = index_bench.run([int(float(n)) for n in args.index_rows.split(",")])
         _save(results, args.out)
     if "serve" not in skip:
         results["serve"] = serve_bench.run([int(n) for n in args.search_rows.split(",")])
