@@ -743,7 +743,7 @@ def _build(
     ann.meta = meta
     folder = commit_index(version, tmp, ann, meta)
     log.info(
-        "%s: committed a %s index (recall@10 %.3f, %s)", version.name, kind.name, recall, params
+        "%s: committed its %s index (recall@10 %.3f, %s)", version.name, kind.name, recall, params
     )
     return BuildResult(
         folder,

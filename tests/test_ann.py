@@ -206,7 +206,7 @@ def test_cli_index_builds_with_ray_tasks_and_reports_bad_input(emb, ray_session,
             "--kind",
             "flat",
             "--num-tasks",
-            "3",
+            "2",
             "--cpus-per-task",
             "0.5",
             "--queries",
@@ -216,7 +216,7 @@ def test_cli_index_builds_with_ray_tasks_and_reports_bad_input(emb, ray_session,
     assert rc == 0
     assert "recall@10 1.000" in capsys.readouterr().out
     meta = ann.load(ann.open_version(emb_dir).folder).meta
-    assert meta["tasks"] == 3 and meta["rows"] == 4000
+    assert meta["tasks"] == 2 and meta["rows"] == 4000
     assert cli_main(["index", str(emb_dir.parent / "nope"), "--local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
