@@ -7,6 +7,7 @@ incremental test, which changes that tree, runs last.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -254,10 +255,19 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
     deleted = rows.pop(5)["path"]
     os.remove(deleted)
     pd.DataFrame(rows).to_parquet(setup["catalog"])
+    has_faiss = importlib.util.find_spec("faiss") is not None
+    if has_faiss:  # the version has an index: the new version gets it too
+        from devise import ann
+
+        ann.build_index(out, kind="flat", local=True, queries=10)
     args = ["--model", str(setup["model"]), "--catalog", str(setup["catalog"]), "--out", str(out)]
     rc = cli.main(["embed", *args, "--incremental", "--batch-size", "4", *RAY_FLAGS])
     assert rc == 0
-    assert "4 embedded, 0 resumed, 22 unchanged, 1 removed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 embedded, 0 resumed, 22 unchanged, 1 removed" in printed
+    # 4 added + 2 removed (the deleted and the changed file) of 26 rows: past 20 %, rebuilt.
+    assert (f"Index rebuilt from {before.version}: flat" in printed) == has_faiss
+    assert ("Index" in printed) == has_faiss
     manifest = read_manifest(out)
     assert manifest["embedded"] == 4 and manifest["reused"] == 22 and manifest["removed"] == 1
     assert manifest["base_version"] == before.version and manifest["rows"] == 26
@@ -274,5 +284,9 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
     # The deleted image is never a search result any more.
     _, idx = after.search(after.matrix, k=len(after))
     assert deleted not in {after.paths[i] for i in idx.ravel()}
+    if has_faiss:
+        carried = ann.load(out / VERSIONS_DIR / manifest["version"], expect_rows=26)
+        assert carried.meta["built_from"] == before.version
+        assert EmbeddingIndex.open(out).ann is not None
     # The previous version is still complete for a reader that opened it earlier.
     assert len(EmbeddingIndex.open(out, before.version)) == 24
