@@ -432,8 +432,9 @@ def test_two_worker_training_end_to_end_survives_kill(
 def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
     tiny_inputs: dict, tmp_path: Path, ray_session
 ):
-    """SIGTERM one second after epoch 1's checkpoint: the job stops (how fast is measured, not asserted) with exit code
-    143 and one line (no C-level abort), and the same command resumes at epoch 2."""
+    """SIGTERM one second after epoch 1's checkpoint: the job stops with exit code 143 and one
+    line (no C-level abort), and the same command resumes at epoch 2. How fast it stops is
+    measured, not asserted."""
     out = tmp_path / "run"
     argv = _argv(tiny_inputs, out, "--epochs", "3")
     address = ray_session.get_runtime_context().gcs_address
