@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.fsutil import fsync_dir
 from devise.store import EmbedError
 
 log = logging.getLogger(__name__)
@@ -537,19 +538,6 @@ def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnI
     return ann
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def new_index_folder(version: Version) -> Path:
     """A fresh versions/<v>/.index-tmp-* folder to build into (leftovers of crashed builds of
     this version are removed first)."""
@@ -571,7 +559,7 @@ def commit_index(version: Version, tmp: Path, ann: AnnIndex, meta: dict) -> Path
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         from devise.fsutil import normal_mode
 
         normal_mode(tmp)
@@ -580,7 +568,7 @@ def commit_index(version: Version, tmp: Path, ann: AnnIndex, meta: dict) -> Path
         if final.exists():
             os.rename(final, aside)
         os.rename(tmp, final)
-        _fsync_dir(version.folder)
+        fsync_dir(version.folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
