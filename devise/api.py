@@ -222,14 +222,19 @@ class Index:
 
     # -- encoding queries ----------------------------------------------------------------------
 
+    def _text_space(self):
+        """The text space queries are encoded in, loaded on first use and checked against the
+        embeddings folder."""
+        if self._word_vectors is None:
+            self._word_vectors = self._base.word_vectors(self._vectors_source)
+        return self._word_vectors
+
     def encode_text(self, queries: Sequence[str]) -> np.ndarray:
         """Words or phrases -> (N, D) float32 unit query vectors in the index's text space.
 
         Every text query goes through here (one batch). UnknownWordError when, with a word table,
         a query has no word with a vector."""
-        if self._word_vectors is None:
-            self._word_vectors = self._base.word_vectors(self._vectors_source)
-        vecs = self._word_vectors.encode(list(queries))
+        vecs = self._text_space().encode(list(queries))
         for q, v in zip(queries, vecs):
             if not np.any(v):
                 raise SearchError(f'The vector of "{q}" is all zeros; try other words.')
@@ -315,9 +320,7 @@ class Index:
         key = vocabulary or "classes"
         if key not in self._labels_cache:
             self._labels_cache[key] = label_vocabulary(self._base, vocabulary)
-        if self._word_vectors is None:
-            self._word_vectors = self._base.word_vectors(self._vectors_source)
-        return nearest_labels(vector, self._word_vectors, self._labels_cache[key], n)
+        return nearest_labels(vector, self._text_space(), self._labels_cache[key], n)
 
     def _row_of_path(self, path: str | os.PathLike) -> int | None:
         want = {str(path), os.path.abspath(path)}
