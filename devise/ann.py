@@ -674,7 +674,7 @@ def _build(
     t_train = time.perf_counter()
     base = _train(kind, dim, rows, train)
     t_add = time.perf_counter()
-    log.info(
+    log.debug(
         "%s: trained %s on %d rows in %.1fs", version.name, kind.name, len(train), t_add - t_train
     )
 
@@ -730,7 +730,7 @@ def _build(
     }
     ann.meta = meta
     folder = commit_index(version, tmp, ann, meta)
-    log.info(
+    log.debug(
         "%s: committed its %s index (recall@10 %.3f, %s)", version.name, kind.name, recall, params
     )
     return BuildResult(
@@ -1048,8 +1048,9 @@ def run_cli_index(args: argparse.Namespace) -> int:
         )
     recall = "n/a" if r.recall is None else f"{r.recall:.3f}"
     print(
-        f"Indexed {r.rows} rows of {r.meta['version']} as {r.kind} {r.params or ''} in "
-        f"{r.seconds:.1f}s: recall@10 {recall} on {r.meta['recall_queries']} held-out rows, "
+        f"Indexed {r.rows} rows of {r.meta['version']} as {r.kind}"
+        + (f" {r.params}" if r.params else "")
+        + f" in {r.seconds:.1f}s: recall@10 {recall} on {r.meta['recall_queries']} held-out rows, "
         f"{r.bytes_per_vector:.0f} bytes a vector -> {r.folder}"
     )
     return 0
