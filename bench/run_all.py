@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         results["index"] = index_bench.run([int(float(n)) for n in args.index_rows.split(",")])
         _save(results, args.out)
     if "serve" not in skip:
+        print("== search service under load", flush=True)
         results["serve"] = serve_bench.run([int(n) for n in args.search_rows.split(",")])
+        _save(results, args.out)
     if "text" not in skip:
         print("== query encoding", flush=True)
         results["text"] = text_encode.run(work / "text")
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     path = _save(results, args.out)
     print()
     print(table(results))
+    if results.get("serve"):
+        print("\n" + serve_bench.table(results["serve"]))
     if results.get("text"):
         print("\n" + text_encode.table(results["text"]))
     print(f"\n{results['seconds']:.0f} s in all; numbers in {path}")

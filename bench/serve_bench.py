@@ -250,15 +250,20 @@ def run(
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| rows | server | in-process p50 | service 1 client p50 | 8 clients req/s | p50 | p99 | errors | cold CLI |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            "| rows | server | in-process p50 | service, 1 client: p50 | service, C clients: "
+            "req/s | p50 | p99 | errors | C-client p50 over in-process p50 | cold CLI |"
+        ),
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
         s, q = r["service"], r["service_sequential"]
+        ratio = s["p50_ms"] / r["in_process"]["p50_ms"]
         lines.append(
-            f"| {r['rows']:,} | {r['server']} | {r['in_process']['p50_ms']:.1f} ms | {q['p50_ms']:.1f} ms | "
-            f"{s['rps']:.0f} | {s['p50_ms']:.1f} ms | {s['p99_ms']:.1f} ms | {s['errors']} | "
-            f"{r['cold_cli']['median_s']:.2f} s |"
+            f"| {r['rows']:,} | {r['server']} | {r['in_process']['p50_ms']:.1f} ms | "
+            f"{q['p50_ms']:.1f} ms | {s['rps']:.0f} | {s['p50_ms']:.1f} ms | "
+            f"{s['p99_ms']:.1f} ms | {s['errors']} of {s['requests']} | {ratio:.2f}x as long "
+            f"({s['clients']} clients) | {r['cold_cli']['median_s']:.2f} s |"
         )
     return "\n".join(lines)
 

@@ -156,12 +156,46 @@ def _thumbnail(path: str, size: int, mtime_ns: int) -> bytes:
     return thumbnail(path, size)
 
 
+# Concurrent /api/search requests on one replica are answered together (Ray Serve's dynamic
+# batching): one text encoding and one matrix product for the batch instead of one per request.
+MAX_BATCH = 16
+BATCH_WAIT_S = 0.002
+MAX_ONGOING = 4 * MAX_BATCH  # requests a replica takes at once (Serve's default, 5, caps batches)
+
+
+def search_many(index: "Index", requests: list[tuple[list[str], int]]) -> list:
+    """Several text-search requests against one index version: for each request its per-query
+    hits, or the SearchError/UnknownWordError that request alone earns (a bad query in one
+    request never fails the others)."""
+    from devise.api import MAX_K
+    from devise.search import SearchError
+    from devise.vectors import UnknownWordError
+
+    if len(requests) > 1 and all(1 <= k <= MAX_K for _, k in requests):
+        try:
+            found = iter(
+                index.search([t for q, _ in requests for t in q], max(k for _, k in requests))
+            )
+            return [[next(found)[:k] for _ in q] for q, k in requests]
+        except (SearchError, UnknownWordError):
+            pass  # answer each request alone, so only the bad one fails
+    out: list = []
+    for q, k in requests:
+        try:
+            out.append(index.search(q, k))
+        except (SearchError, UnknownWordError) as e:
+            out.append(e)
+    return out
+
+
 def _service_class(api):
     """The class whose methods answer /api/* on `api`: one instance per replica, holding the
     replica's IndexFollower."""
     import anyio
     from fastapi import File, Form, Query, UploadFile
     from fastapi.responses import PlainTextResponse, Response
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from devise.api import MAX_K
     from devise.images import ImageDecodeError
@@ -174,6 +208,10 @@ def _service_class(api):
         def __init__(self, config: dict) -> None:
             self.follower = IndexFollower(ServiceConfig(**config))
             self.max_upload = int(self.follower.config.max_upload_mb * (1 << 20))
+            try:
+                serve.get_replica_context()
+            except RayServeException:  # not a Serve replica (local_app): answer each request alone
+                self._search_batch = self._search_alone
 
         def check_health(self) -> None:
             self.follower.index  # noqa: B018 -- fails the replica if no index is loaded
@@ -191,13 +229,21 @@ def _service_class(api):
                 "max_upload_mb": cfg.max_upload_mb,
             }
 
-        @api.get("/api/search")
-        def search(self, q: Annotated[list[str], Query()], k: KQuery = 10):
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        async def _search_batch(self, requests: list[tuple[list[str], int]]) -> list:
+            index = self.follower.index  # one version for the whole batch
+            found = await anyio.to_thread.run_sync(search_many, index, requests)
+            return [(index, f) for f in found]
+
+        async def _search_alone(self, request: tuple[list[str], int]) -> tuple:
             index = self.follower.index
-            try:
-                found = index.search(q, k)
-            except (SearchError, UnknownWordError) as e:
-                return _error(400, str(e))
+            return index, (await anyio.to_thread.run_sync(search_many, index, [request]))[0]
+
+        @api.get("/api/search")
+        async def search(self, q: Annotated[list[str], Query()], k: KQuery = 10):
+            index, found = await self._search_batch((list(q), k))
+            if isinstance(found, SearchError | UnknownWordError):
+                return _error(400, str(found))
             return _answer(index, [{"query": t, **r} for t, hits in zip(q, found) for r in hits])
 
         @api.get("/api/similar/{id}")
@@ -258,6 +304,7 @@ def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float 
     deployment = serve.deployment(
         name="devise",
         num_replicas=replicas,
+        max_ongoing_requests=MAX_ONGOING,
         ray_actor_options={"num_cpus": cpus_per_replica},
         health_check_period_s=10,
     )(serve.ingress(api)(_service_class(api)))

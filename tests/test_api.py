@@ -124,6 +124,25 @@ def test_import_and_open_load_neither_ray_nor_torch(data):
     assert json.loads(out.stdout) == []
 
 
+def test_batched_search_answers_each_request_as_alone(data):
+    """The service answers concurrent /api/search requests as one batch: each request gets what
+    a search of its own would give (its own k), and a bad request fails alone."""
+    from devise import Index
+    from devise.search import SearchError
+    from devise.serve import search_many
+    from devise.vectors import UnknownWordError
+
+    index = Index.open(data["emb"])
+    requests = [(["dog"], 2), (["car", "ship"], 4), (["cat"], 1)]
+    found = search_many(index, requests)
+    assert found == [index.search(q, k) for q, k in requests]
+    assert [len(hits) for hits in found[1]] == [4, 4] and len(found[2][0]) == 1
+    bad = search_many(index, [(["dog"], 3), ([""], 3), (["kiten"], 3), (["ship"], 0)])
+    assert bad[0] == index.search(["dog"], 3)
+    assert isinstance(bad[1], SearchError) and isinstance(bad[2], UnknownWordError)
+    assert isinstance(bad[3], SearchError) and "k must be" in str(bad[3])
+
+
 def test_the_service_routes_answer_without_ray(data):
     """The service's FastAPI app run in-process (serve.local_app under uvicorn): the same routes
     the Serve deployment uses, checked where Ray is not needed."""
