@@ -586,6 +586,9 @@ def _vectors_file(folder: Path, rows: int, dim: int) -> Path:
 
 def _train(kind: Kind, dim: int, rows: int, sample: np.ndarray):
     base = kind.make(dim, rows)
+    ivf = _faiss().try_extract_index_ivf(base)
+    if ivf is not None:  # the sample size is chosen (_make_probe); faiss need not warn about it
+        ivf.cp.min_points_per_centroid = max(1, min(TRAIN_PER_LIST, len(sample) // ivf.nlist))
     if not base.is_trained:
         base.train(sample)
     return base
@@ -774,11 +777,14 @@ def _merge(kind: Kind, version: Version, base, shards: list[dict], tmp: Path):
     return ann, exact_i, time.perf_counter()
 
 
+TRAIN_PER_LIST = 30  # training rows per IVF list (k-means centroid)
+
+
 def _make_probe(kind: Kind, rows: int, dim: int) -> int:
     """Rows to train on: ~30 a list for IVF (at least 10,000 for the PQ codebooks), none for
     flat and HNSW (held-out queries only)."""
     if kind.name == "ivf-pq":
-        return int(min(100_000, max(10_000, 30 * nlist_for(rows))))
+        return int(min(100_000, max(10_000, TRAIN_PER_LIST * nlist_for(rows))))
     return 0
 
 
