@@ -60,10 +60,11 @@ def main(argv=None) -> int:
             page.press("#q", "Enter")
             page.wait_for_function(
                 "document.querySelectorAll('#grid img').length > 0 && [...document.querySelectorAll"
-                "('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+                "('#grid img')].every(i => i.complete && i.naturalWidth > 0)",
+                timeout=120_000,  # the first query may load the text encoder
             )
             page.wait_for_function(
-                "!document.getElementById('info').textContent.includes('loading')"
+                "!document.getElementById('info').textContent.includes('loading')", timeout=120_000
             )
             page.screenshot(path=args.out)
             browser.close()
