@@ -26,7 +26,10 @@ _level = NORMAL
 _NOISE = re.compile(
     r"Warning\b|warnings\.warn|^\s*(DEBUG|INFO)\b|^\s*\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d"
     r"|\.cc:\d+\]|\b(INFO|DEBUG|WARNING)\s+\S+\.py:\d+|Total Progress|Progress will be logged"
-    r"|tqdm is not installed|progress bars? (will be )?disabled",
+    r"|tqdm is not installed|progress bars? (will be )?disabled"
+    # Ray Train's INFO lines in its workers
+    r"|Checkpoint successfully created|Wrapping provided model in|Setting up process group"
+    r"|Moving model to device",
     re.IGNORECASE,
 )
 
@@ -34,6 +37,7 @@ _NOISE = re.compile(
 # Ray's own actors: what they print is Ray's bookkeeping (failures reach us as exceptions).
 _RAY_ACTORS = re.compile(
     r"TrainController|PlacementGroupCleaner|SplitCoordinator|_StatsActor|AutoscalingRequester"
+    r"|get_table_block_metadata_schema"
 )
 
 
@@ -55,6 +59,8 @@ def configure(verbosity: int = NORMAL) -> None:
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
             warnings.filterwarnings("ignore", category=category)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+        # The text encoder's weight-loading bar (read when transformers is first imported).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's worker-line prefixes, uncoloured
 
@@ -65,6 +71,12 @@ def verbose() -> bool:
 
 def quiet() -> bool:
     return _level <= QUIET
+
+
+def line_every_s() -> float:
+    """How often a long loop prints a progress line: every step on a terminal or with -v, at
+    most every LOG_EVERY_S seconds when output goes to a file or pipe."""
+    return 0.0 if verbose() or sys.stdout.isatty() else LOG_EVERY_S
 
 
 def is_noise(line: str) -> bool:

@@ -80,6 +80,9 @@ class LoopConfig:
     precision: str
     pause_after_epoch: int | None = None  # test hook: rank 0 sleeps after this epoch's report
     resume: str | None = None  # a checkpoint folder to start from when Ray's run has none
+    # Rank 0's epoch line at most this often (0: every epoch); the driver's closing line says
+    # how the last epoch ended.
+    epoch_line_every_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +252,10 @@ class _CachedSource:
     decode_errors = False
 
     def __init__(self, cfg: CachedFeatures, head: DeviseHead, rank, world, device, bs) -> None:
-        head.set_feature_stats(torch.as_tensor(cfg.mean), torch.as_tensor(cfg.std))
+        head.set_feature_stats(
+            torch.from_numpy(np.array(cfg.mean, np.float32)),  # a copy: Ray's arrays are
+            torch.from_numpy(np.array(cfg.std, np.float32)),  # read-only
+        )
         self.model, self.device, self.bs = head, device, bs
         self.x_train, self.y_train = self._shard("train")
         self.x_test, self.y_test = self._shard("test")
@@ -440,6 +446,7 @@ def train_loop(cfg: LoopConfig) -> None:
     classes = torch.as_tensor(np.asarray(cfg.class_matrix), dtype=torch.float32).to(device)
     bs = cfg.batch_size
     steps = max(1, math.ceil(_all_reduce([source.n_train], device, op="max")[0] / bs))
+    last_line = time.perf_counter()
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         ddp.train()
@@ -482,7 +489,11 @@ def train_loop(cfg: LoopConfig) -> None:
         source.errors = 0
         state = None
         if rank == 0:
-            _print_epoch(m, cfg.epochs)
+            now = time.perf_counter()
+            every = cfg.epoch_line_every_s
+            if not every or (epoch < cfg.epochs and now - last_line >= every):
+                _print_epoch(m, cfg.epochs)
+                last_line = now
             state = {
                 "epoch": epoch,
                 **{k: _cpu(mod.state_dict()) for k, mod in source.saved().items()},

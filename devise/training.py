@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from devise import console
 from devise.backbones import backbone_info, export_weights, load_backbone
 from devise.errors import DeviseError
 from devise.fsutil import atomic_path, normal_mode
@@ -613,6 +614,7 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
         precision=config.precision,
         pause_after_epoch=config.pause_after_epoch,
         resume=None if resume is None else str(resume),
+        epoch_line_every_s=console.line_every_s(),
     )
 
     resources = {"CPU": cpus}

@@ -248,8 +248,25 @@ def test_worker_noise_is_told_from_our_lines():
         "2026-11-30 10:00:01,123\tINFO worker.py:1821 -- Started a local Ray instance.",
         "tqdm is not installed. Progress bars will be disabled.",
         "Total Progress: 0/?",
+        "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/r/epoch_0001)",
+        "Wrapping provided model in DistributedDataParallel.",
+        "Setting up process group for: env:// [rank=0, world_size=2]",
     ):
         assert is_noise(line), line
+
+
+def test_epoch_lines_every_step_on_a_terminal_and_at_most_every_30_s_in_a_file(monkeypatch):
+    from devise import console
+
+    monkeypatch.setattr(console.sys.stdout, "isatty", lambda: False, raising=False)
+    assert console.line_every_s() == console.LOG_EVERY_S == 30.0
+    console.configure(console.VERBOSE)
+    try:
+        assert console.line_every_s() == 0.0
+    finally:
+        console.configure(console.NORMAL)
+    monkeypatch.setattr(console.sys.stdout, "isatty", lambda: True, raising=False)
+    assert console.line_every_s() == 0.0
 
 
 @pytest.mark.timeout(300)
