@@ -10,9 +10,11 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/uv.sh"
 CONSTRAINTS="$(cd "$HERE/.." && pwd)/constraints.txt"
 
+echo "Installing devise with every extra into $VENV at the versions in constraints.txt" \
+    "(a few minutes the first time)"
 if [ -n "$UV" ]; then
     "$UV" venv --quiet --allow-existing --python "$PYTHON" "$VENV"
-    "$UV" pip install --python "$VENV/bin/python" "${FIND_LINKS[@]}" -c "$CONSTRAINTS" \
+    "$UV" pip install --quiet --python "$VENV/bin/python" "${FIND_LINKS[@]}" -c "$CONSTRAINTS" \
         -e ".[dev,serve,index]"
 else
     "$PYTHON" -m venv "$VENV"
