@@ -37,15 +37,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from devise.errors import DeviseError
 from devise.fsutil import atomic_dir, atomic_path, fsync_dir, printable
+
+if TYPE_CHECKING:  # pandas is imported where a function needs it: search never does
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ def read_parquet_meta(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _strings(values: Sequence) -> pa.Array:
+    import pandas as pd
+
     return pa.array([None if v is None or pd.isna(v) else str(v) for v in values], pa.string())
 
 
@@ -188,12 +192,19 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     dim = col.type.list_size
     if table.num_rows == 0:
         return np.zeros((0, dim), dtype=np.float32)
-    flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape(-1, dim)
+    flat = col.combine_chunks().flatten()
+    if flat.type == pa.float32() and flat.null_count == 0:
+        # The values buffer itself: Array.to_numpy imports pandas, a second of a cold search.
+        values = np.frombuffer(flat.buffers()[1], np.float32, len(flat), flat.offset * 4)
+    else:
+        values = flat.to_numpy(zero_copy_only=False)
+    return np.array(values, dtype=np.float32).reshape(-1, dim)
 
 
 def row_keys(df: pd.DataFrame) -> pd.Series:
     """One hashable key per row: (path, size, mtime); nulls count as -1."""
+    import pandas as pd
+
     df = df[KEY_COLUMNS].fillna(-1)
     return pd.Series(
         list(
@@ -459,7 +470,9 @@ class Store:
         if "crc32" in part and zlib.crc32(data) != part["crc32"]:
             raise self._damaged(version, path, "does not match its checksum in the manifest")
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns)
+            # ParquetFile, not read_table: read_table loads pyarrow.dataset, and with it pandas
+            # (a second of a cold search's start).
+            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
         except (pa.ArrowException, OSError):
             raise self._damaged(version, path, "is not a readable parquet file") from None
 
@@ -510,6 +523,8 @@ class Store:
 
     def errors(self, version: str | None = None) -> pd.DataFrame:
         """The errors table (path, label, class_name, reason, ...) of a version."""
+        import pandas as pd
+
         manifest = self.manifest(version)
         return pd.read_parquet(self.version_dir(manifest["version"]) / ERRORS_FILE)
 
@@ -559,6 +574,8 @@ class Store:
 
     def keys(self, base: Base) -> pd.DataFrame:
         """(path, size_bytes, mtime_ns) of the rows and errors a Base carries."""
+        import pandas as pd
+
         files = [*base.parts, *([base.errors] if base.errors else [])]
         frames = [pq.read_table(f, columns=KEY_COLUMNS).to_pandas() for f in files]
         if not frames:

@@ -111,12 +111,15 @@ def test_reopen_follows_current_and_keeps_loaded_encoders(data, tmp_path):
 
 
 def test_import_and_open_load_neither_ray_nor_torch(data):
+    """Opening an index and a text search with a word table load neither Ray nor torch, nor
+    pandas (a second of a cold `devise search` on a small machine)."""
     code = (
         "import sys, json\n"
         "from devise import Index\n"
         f"index = Index.open({str(data['emb'])!r})\n"
         "index.info()\n"
-        "print(json.dumps([m for m in ('torch', 'ray') if m in sys.modules]))\n"
+        "assert index.search('dog', k=2)[0]['label'] == 'dog'\n"
+        "print(json.dumps([m for m in ('torch', 'ray', 'pandas') if m in sys.modules]))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
