@@ -49,6 +49,7 @@ class EvalConfig:
     decode_cpus: float | None = None
     batch_size: int = 64
     address: str | None = None
+    local: bool = False  # image pass in this process (devise.executors.run_local), no Ray
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +257,10 @@ def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) 
 
 
 def evaluate(config: EvalConfig) -> dict:
-    """Run every measurement and write metrics.json, report.md and confusion.png to config.out."""
+    """Run every measurement and write metrics.json, report.md and confusion.png to config.out.
+
+    Features not in the cache yet are computed by the Ray Data pipeline (Ray must be
+    initialised), or with config.local by the local executor in this process."""
     from devise.catalog import read_catalog
     from devise.features import extract_features
     from devise.model import load_model
@@ -281,9 +285,14 @@ def evaluate(config: EvalConfig) -> dict:
         config.gpus_per_worker, config.batch_size,
     )  # fmt: skip
     pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
+    runner = None
+    if config.local:
+        from devise.executors import run_local
+
+        runner = run_local
     fs = extract_features(
         catalog, spec.backbone, spec.backbone_weights, spec.image_size, 0,
-        config.feature_cache, config.seed, pipeline,
+        config.feature_cache, config.seed, pipeline, runner=runner,
     )  # fmt: skip
 
     seen_keys = list(spec.class_keys)
@@ -560,12 +569,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if not Path(args.model).exists():
         raise EvalError(f"Model folder {args.model} does not exist; train one with `devise train`.")
-    init_ray(args.address)
+    if not args.local:
+        init_ray(args.address)
     config = EvalConfig(
         model=args.model, catalog=args.catalog, out=args.out, feature_cache=args.feature_cache,
         conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen,
         calibration_draws=args.calibration_draws, seed=args.seed,
-        address=args.address, **resolve_resources(resources_from_args(args)).as_kwargs(),
+        address=args.address, local=args.local,
+        **resolve_resources(resources_from_args(args)).as_kwargs(),
     )  # fmt: skip
     report = evaluate(config)
     print((Path(args.out) / "report.md").read_text())

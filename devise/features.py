@@ -1,4 +1,5 @@
-"""Backbone features computed once: catalog rows -> Ray Data pipeline -> float16 cache on disk.
+"""Backbone features computed once: catalog rows -> image pipeline (Ray Data, or this process with
+the local executor) -> float16 cache on disk.
 
 A cache entry is keyed by everything that changes the numbers: backbone name, weights file
 identity, image size, augmentation settings and every catalog row's (path, size, mtime). A later
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -238,14 +239,17 @@ def _write_entry(
     return final
 
 
+Runner = Callable[[pd.DataFrame, PipelineConfig, int], Iterator[dict[str, np.ndarray]]]
+
+
 def _run_pipeline(
-    table: pd.DataFrame, config: PipelineConfig, seed: int, dim: int
+    table: pd.DataFrame, config: PipelineConfig, seed: int, dim: int, runner: Runner
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (N, F) float16 and error strings (N,) for every table row, in table order."""
     features = np.zeros((len(table), dim), dtype=np.float16)
     errors = np.full(len(table), "", dtype=object)
     seen = np.zeros(len(table), dtype=bool)
-    batches = run_images(table[["path", "view", "_row"]], config, seed=seed)
+    batches = runner(table[["path", "view", "_row"]], config, seed)
     for batch in progress(batches, len(table), "backbone features"):
         idx = batch["_row"].astype(np.int64)
         features[idx] = batch["feature"]
@@ -266,14 +270,16 @@ def extract_features(
     seed: int = 0,
     pipeline: PipelineConfig | None = None,
     augment_splits: Sequence[str] = ("train",),
+    runner: Runner | None = None,
 ) -> FeatureSet:
     """Backbone features of every catalog row (+ augment_views augmented copies of each row in
     augment_splits), from the cache when an entry with the same key exists, else computed with
-    the Ray Data pipeline and written to the cache.
+    the image pipeline and written to the cache.
 
-    catalog needs path, label and split columns (class_name optional). pipeline gives the Ray
+    catalog needs path, label and split columns (class_name optional). pipeline gives the
     resources (actors, CPUs, GPU, batch size); its model fields are overridden by the arguments
-    here. Ray must be initialised when the entry is not cached yet.
+    here. runner is the executor: the Ray Data pipeline by default (Ray must then be initialised
+    when the entry is not cached yet), or devise.executors.run_local to run in this process.
     """
     missing = {"path", "label", "split"} - set(catalog.columns)
     if missing:
@@ -306,7 +312,7 @@ def extract_features(
         head_dir=None,
     )
     start = time.perf_counter()
-    features, errors = _run_pipeline(table, config, seed, info.feature_dim)
+    features, errors = _run_pipeline(table, config, seed, info.feature_dim, runner or run_images)
     seconds = time.perf_counter() - start
     ok = errors == ""
     rows = table.loc[ok, ROW_COLUMNS].reset_index(drop=True)

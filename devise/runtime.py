@@ -87,6 +87,45 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     )
 
 
+# What every stage's --local means; add_ray_args(local_help=LOCAL_HELP + what differs there).
+LOCAL_HELP = (
+    "run in this process without Ray, for small jobs on one machine, where starting Ray would "
+    "take longer than the work"
+)
+
+
+class _StoreGiven(argparse.Action):
+    """Store the value and note the flag in namespace.given, so a stage can tell a flag the user
+    gave from its default (--local refuses --num-workers 4, not the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+def check_local(local: bool, address: str | None, num_workers: int | None = None) -> None:
+    """One sentence (DeviseError) for a flag --local cannot honour: --address (there is no Ray
+    to join) and, where the local run has one worker, --num-workers above 1 (pass the number
+    only when the user gave it)."""
+    if not local:
+        return
+    if address:
+        raise DeviseError(
+            f"--local runs in this process without Ray, so --address {address} has nothing to "
+            "join; drop one of them."
+        )
+    if num_workers is not None and num_workers > 1:
+        raise DeviseError(
+            f"--local runs one worker in this process, so --num-workers {num_workers} cannot "
+            "apply; drop one of them."
+        )
+
+
+def given_workers(args: argparse.Namespace) -> int | None:
+    """--num-workers when the user gave it on the command line, else None (its default)."""
+    return args.num_workers if "num_workers" in getattr(args, "given", ()) else None
+
+
 def add_ray_args(
     parser: argparse.ArgumentParser,
     workers_help: str = "Ray workers",
@@ -95,12 +134,14 @@ def add_ray_args(
 ) -> None:
     """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
 
-    local_help: when given, the stage also takes --local (run in this process without Ray).
+    local_help: when given, the stage also takes --local (run in this process without Ray);
+    start it with LOCAL_HELP so the flag reads the same everywhere.
     """
     g = parser.add_argument_group("Ray resources")
     g.add_argument(
         "--num-workers",
         type=int,
+        action=_StoreGiven,
         default=num_workers,
         help=f"Ray workers of this stage's main work: {workers_help}",
     )

@@ -1,15 +1,18 @@
-"""The Ray Train worker loop of the DeViSE head: one epoch skeleton (seed, optimizer and scaler,
-steps, all-reduced metrics, checkpoint save and restore) fed by one of two batch sources:
-cached features (the default) or images through the backbone, the notebook's way."""
+"""The training loop of the DeViSE head: one epoch skeleton (seed, optimizer and scaler, steps,
+all-reduced metrics, checkpoint save and restore) fed by one of two batch sources: cached
+features (the default) or images through the backbone, the notebook's way. It runs on Ray Train
+DDP workers (RayTrainContext) or in this process without Ray (LocalContext); the context is the
+loop's only view of where it runs."""
 
 from __future__ import annotations
 
 import logging
 import math
 import pickle
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,43 +173,13 @@ def restore(state: dict | None, modules: dict[str, torch.nn.Module], opt, scaler
     return int(state["epoch"]) + 1
 
 
-def _starting_state(resume: str | None) -> dict | None:
-    """The newer of Ray's latest checkpoint of this run and the driver's resume folder."""
-    import ray.train
-
-    states = [load_state(ray.train.get_checkpoint())]
+def _starting_state(ctx, resume: str | None) -> dict | None:
+    """The newer of the context's latest checkpoint of this run and the driver's resume folder."""
+    states = [ctx.checkpoint_state()]
     if resume is not None:
         states.append(read_state(Path(resume) / STATE_FILE))
     states = [s for s in states if s is not None]
     return max(states, key=lambda s: s["epoch"]) if states else None
-
-
-def _report(
-    metrics: dict, state: dict | None, epoch: int, rank: int, pause_after: int | None
-) -> None:
-    """rank 0 reports metrics + checkpoint; the others report the same metrics only."""
-    import ray.train
-
-    name = f"epoch_{epoch:04d}"
-    if rank == 0 and state is not None:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-    else:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-    if pause_after is not None and epoch == pause_after and rank == 0:
-        time.sleep(600)  # test hook: keep the run alive until the test kills it
-
-
-def _quiet_report_logs() -> None:
-    """Ray Train logs every report with all its metrics (per-batch losses included) at INFO;
-    the worker's own one-line epoch summary says what a user watching the logs needs."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _epoch_metrics(
@@ -242,6 +215,114 @@ def _print_epoch(m: dict, epochs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the loop runs: the few operations it needs from Ray Train, or their in-process versions
+
+
+class RayTrainContext:
+    """The loop on a Ray Train DDP worker: rank and device from Ray Train, dataset shards,
+    checkpoints reported to Ray Train (rank 0), DDP-wrapped model."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        _quiet_report_logs()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def dataset_batches(self, name: str) -> Iterator[dict[str, np.ndarray]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        return shard.iter_batches(batch_size=8192, batch_format="numpy")
+
+    def checkpoint_state(self) -> dict | None:
+        import ray.train
+
+        return load_state(ray.train.get_checkpoint())
+
+    def report(self, metrics: dict, state: dict | None, name: str) -> None:
+        """Metrics, with a checkpoint when state is given (rank 0); every rank reports."""
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report with all its metrics (per-batch losses included) at INFO;
+    the worker's own one-line epoch summary says what a user watching the logs needs."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+class LocalContext:
+    """The loop in this process without Ray, world size 1: datasets are arrays in memory,
+    checkpoints land in folder/<name>/state.pt (the layout Ray Train writes, so either way can
+    resume the other's run), the newest `keep` are kept, and on_report(metrics, checkpoint
+    folder) runs once each is stored."""
+
+    rank, world = 0, 1
+
+    def __init__(
+        self,
+        device: torch.device,
+        datasets: dict[str, dict[str, np.ndarray]],
+        folder: str | Path,
+        keep: int,
+        on_report: Callable[[dict, str | None], None],
+    ) -> None:
+        self._device, self.datasets = device, datasets
+        self.folder, self.keep, self.on_report = Path(folder), keep, on_report
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # one process: nothing to synchronise
+
+    def dataset_batches(self, name: str) -> Iterator[dict[str, np.ndarray]]:
+        yield self.datasets[name]
+
+    def checkpoint_state(self) -> dict | None:
+        return None  # the driver passes the run's latest checkpoint as LoopConfig.resume
+
+    def report(self, metrics: dict, state: dict | None, name: str) -> None:
+        """Store the checkpoint (temp folder, then rename), then hand the metrics on."""
+        from devise.fsutil import atomic_dir
+
+        if state is None:
+            self.on_report(metrics, None)
+            return
+        final = self.folder / name
+        if final.exists():  # a damaged copy the driver skipped: this epoch was trained again
+            shutil.rmtree(final)
+        with atomic_dir(final) as tmp:
+            torch.save(state, tmp / STATE_FILE)
+        self.on_report(metrics, str(final))
+        done = sorted(p for p in self.folder.glob("epoch_*") if p.is_dir())
+        for old in done[: max(0, len(done) - max(1, self.keep))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Batch sources: each gives the model to train, what to checkpoint, and the batches
 
 
@@ -251,24 +332,20 @@ class _CachedSource:
 
     decode_errors = False
 
-    def __init__(self, cfg: CachedFeatures, head: DeviseHead, rank, world, device, bs) -> None:
+    def __init__(self, cfg: CachedFeatures, head: DeviseHead, ctx, device, bs) -> None:
         head.set_feature_stats(
             torch.from_numpy(np.array(cfg.mean, np.float32)),  # a copy: Ray's arrays are
             torch.from_numpy(np.array(cfg.std, np.float32)),  # read-only
         )
         self.model, self.device, self.bs = head, device, bs
-        self.x_train, self.y_train = self._shard("train")
-        self.x_test, self.y_test = self._shard("test")
+        self.x_train, self.y_train = self._shard(ctx, "train")
+        self.x_test, self.y_test = self._shard(ctx, "test")
         self.n_train = len(self.y_train)
         self.errors = 0
 
-    def _shard(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        import ray.train
-
+    def _shard(self, ctx, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
-        for batch in ray.train.get_dataset_shard(name).iter_batches(
-            batch_size=8192, batch_format="numpy"
-        ):
+        for batch in ctx.dataset_batches(name):
             xs.append(batch["feature"])
             ys.append(batch["target"])
         if not xs:
@@ -351,7 +428,7 @@ class _OnlineSource:
 
     decode_errors = True
 
-    def __init__(self, cfg: OnlineImages, head: DeviseHead, rank, world, device, bs) -> None:
+    def __init__(self, cfg: OnlineImages, head: DeviseHead, ctx, device, bs) -> None:
         from devise.backbones import load_backbone
 
         self.cfg, self.device, self.bs = cfg, device, bs
@@ -359,6 +436,7 @@ class _OnlineSource:
         self.tuned = self.backbone.unfreeze_last() if cfg.unfreeze_last else []
         self.head = head
         self.model = OnlineModel(self.backbone, head, train_backbone=bool(self.tuned))
+        rank, world = ctx.rank, ctx.world
         self.train_rows = Rows(cfg.train.paths[rank::world], cfg.train.targets[rank::world])
         self.test_rows = Rows(cfg.test.paths[rank::world], cfg.test.targets[rank::world])
         self.n_train = len(self.train_rows.paths)
@@ -412,34 +490,31 @@ class _OnlineSource:
 # The loop
 
 
-def train_loop(cfg: LoopConfig) -> None:
-    """Ray Train loop on every DDP worker: Adam, an all-reduced metrics line and (rank 0) a
-    checkpoint every epoch; resumes from the latest checkpoint."""
-    import ray.train
-    import ray.train.torch
-
+def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = None) -> None:
+    """The training loop on every DDP worker (ctx None: a Ray Train worker, as TorchTrainer
+    calls it) or in this process (a LocalContext): Adam, an all-reduced metrics line and (rank
+    0) a checkpoint every epoch; resumes from the latest checkpoint."""
     from devise.losses import get_loss
 
-    _quiet_report_logs()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    ctx = ctx or RayTrainContext()
+    rank, world = ctx.rank, ctx.world
+    device = ctx.device()
     torch.manual_seed(cfg.seed)
 
     head = DeviseHead(HeadSpec.from_dict(cfg.spec))
     kind = _CachedSource if isinstance(cfg.source, CachedFeatures) else _OnlineSource
-    source = kind(cfg.source, head, rank, world, device, cfg.batch_size)
+    source = kind(cfg.source, head, ctx, device, cfg.batch_size)
     source.model.to(device)
     opt = torch.optim.Adam(source.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
     amp, amp_dtype, use_scaler = _autocast(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    state = _starting_state(cfg.resume)
+    state = _starting_state(ctx, cfg.resume)
     start = restore(state, source.saved(), opt, scaler)
     if state is None:
         source.fresh_start(lambda values: _all_reduce(values, device))
     elif rank == 0:
         print(f"Resuming from the checkpoint of epoch {state['epoch']}.", flush=True)
-    ddp = ray.train.torch.prepare_model(source.model, move_to_device=False)
+    ddp = ctx.prepare_model(source.model)
 
     loss_fn = get_loss(cfg.loss)
     loss_kwargs = {"margin": cfg.margin} if cfg.loss == "rank" else {}
@@ -501,7 +576,9 @@ def train_loop(cfg: LoopConfig) -> None:
                 "scaler": scaler.state_dict() if use_scaler else None,
                 "spec": cfg.spec,
             }
-        _report(m, state, epoch, rank, cfg.pause_after_epoch)
+        ctx.report(m, state, f"epoch_{epoch:04d}")
+        if cfg.pause_after_epoch == epoch and rank == 0:
+            time.sleep(600)  # test hook: keep the run alive until the test kills it
 
 
 def _cpu(state: dict) -> dict:

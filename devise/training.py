@@ -1,10 +1,13 @@
-"""Training the DeViSE head with Ray Train (DDP): cached features or the notebook's online way,
-a checkpoint every epoch, resume on rerun, metrics.jsonl, loss.png and the saved model.
+"""Training the DeViSE head with Ray Train (DDP), or in this process without Ray (--local):
+cached features or the notebook's online way, a checkpoint every epoch, resume on rerun,
+metrics.jsonl, loss.png and the saved model. Both ways run the same loop (train_loops) and
+leave the same run layout, so either can resume the other's run.
 
 Run layout (RUN_DIR is --out):
   config.json     the resolved config; a rerun with other settings into the same RUN_DIR is refused
-  metrics.jsonl   one line per epoch (written on the driver's node as Ray Train reports them)
-  checkpoints/    Ray Train storage (default; --storage moves it to shared storage)
+  metrics.jsonl   one line per epoch (written on the driver's node as each checkpoint is stored)
+  checkpoints/    Ray Train storage (default; --storage moves it to shared storage):
+                  <run name>/epoch_NNNN/state.pt
   model/          head weights + spec.json (+ backbone.pt after --unfreeze-last)
   loss.png        per-batch train loss, its rolling mean, and test loss per epoch
 """
@@ -38,6 +41,7 @@ from devise.train_loops import (
     STATE_FILE,
     CachedFeatures,
     CheckpointError,
+    LocalContext,
     LoopConfig,
     OnlineImages,
     Rows,
@@ -115,6 +119,7 @@ class TrainConfig:
     feature_cache: str | None = None
     max_failures: int = 3
     keep_checkpoints: int = 2
+    local: bool = False  # in this process without Ray: one worker, the local feature executor
     pause_after_epoch: int | None = None  # test hook, see PAUSE_ENV
 
     # Settings that do not change what a run computes: a rerun may change them and still resume.
@@ -132,6 +137,7 @@ class TrainConfig:
         "feature_cache",
         "max_failures",
         "keep_checkpoints",
+        "local",
         "pause_after_epoch",
         "precision",
     )
@@ -160,6 +166,7 @@ class TrainResult:
 
 def _validate(config: TrainConfig) -> None:
     from devise.losses import LOSSES
+    from devise.runtime import check_local
 
     if config.loss not in LOSSES:
         raise TrainError(f"Unknown loss {config.loss!r}; choose 'rank' or 'cosine'.")
@@ -179,6 +186,14 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--augment-views must be 0 or more, not {config.augment_views}.")
     if config.max_train_per_class is not None and config.max_train_per_class < 1:
         raise TrainError("--max-train-per-class must be at least 1.")
+    check_local(config.local, config.address)
+    if config.local and config.storage and "://" in config.storage:
+        raise TrainError(
+            f"--local writes checkpoints to a folder on this machine, not {config.storage}; "
+            "pass a local --storage or drop --local."
+        )
+    if config.local and config.use_gpu and not torch.cuda.is_available():
+        raise TrainError("--use-gpu was given but this machine has no CUDA GPU; drop --use-gpu.")
     try:
         backbone_info(config.backbone)
     except ValueError as e:
@@ -303,15 +318,18 @@ class MetricsWriter:
         self._epochs: set[int] | None = None
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if not metrics:
-            return
-        m = dict(metrics[0])
+        if metrics:
+            self.record(metrics[0], checkpoint.path if checkpoint is not None else None)
+
+    def record(self, metrics: dict, checkpoint_path: str | None) -> None:
+        """Append one epoch's metrics (and where its checkpoint is), unless already there."""
+        m = dict(metrics)
         if self._epochs is None:
             self._epochs = {int(r["epoch"]) for r in read_metrics(Path(self.path).parent)}
         epoch = int(m.get("epoch", -1))
         if epoch in self._epochs:
             return
-        m["checkpoint"] = checkpoint.path if checkpoint is not None else None
+        m["checkpoint"] = checkpoint_path
         with open(self.path, "a") as f:
             f.write(json.dumps(m, default=float) + "\n")
         self._epochs.add(epoch)
@@ -332,32 +350,40 @@ def metrics_callback(path: str | os.PathLike):
 # Driver side: putting it together
 
 
-def _feature_datasets(fs, classes, config: TrainConfig):
-    """Ray Datasets of (feature, target) for train (all views) and test (view 0) rows of the
-    training classes, each split into many blocks so every worker gets a share."""
+def _feature_arrays(fs, classes) -> dict[str, dict[str, np.ndarray]]:
+    """{"train": all views, "test": view 0} of the training classes' rows, each as columns
+    feature (N, F) float16 and target (N,) int64 (the class's row in classes.matrix)."""
+    index = {k: i for i, k in enumerate(classes.keys)}
+
+    def build(mask: np.ndarray) -> dict[str, np.ndarray]:
+        mask = mask & np.isin(fs.labels, classes.keys)
+        x = np.asarray(fs.features[mask], dtype=np.float16)
+        y = np.array([index[k] for k in fs.labels[mask]], dtype=np.int64)
+        return {"feature": x, "target": y}
+
+    return {
+        "train": build(fs.mask(splits=["train"])),
+        "test": build(fs.mask(splits=["test"], views=[0])),
+    }
+
+
+def _ray_datasets(arrays: dict[str, dict[str, np.ndarray]], num_workers: int) -> dict:
+    """The feature arrays as Ray Datasets, each split into many blocks so every worker gets a
+    share."""
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
-    index = {k: i for i, k in enumerate(classes.keys)}
-
-    def build(mask: np.ndarray):
-        mask = mask & np.isin(fs.labels, classes.keys)
-        x = np.asarray(fs.features[mask], dtype=np.float16)
-        y = np.array([index[k] for k in fs.labels[mask]], dtype=np.int64)
-        blocks = max(1, min(len(y), 4 * config.num_workers))
-        tables = []
-        for part in np.array_split(np.arange(len(y)), blocks):
-            tables.append(
-                pa.table(
-                    {"feature": ArrowTensorArray.from_numpy(x[part]), "target": pa.array(y[part])}
-                )
-            )
-        return ray.data.from_arrow(tables), x
-
-    train_ds, x_train = build(fs.mask(splits=["train"]))
-    test_ds, _ = build(fs.mask(splits=["test"], views=[0]))
-    return train_ds, test_ds, x_train
+    out = {}
+    for name, cols in arrays.items():
+        x, y = cols["feature"], cols["target"]
+        blocks = max(1, min(len(y), 4 * num_workers))
+        tables = [
+            pa.table({"feature": ArrowTensorArray.from_numpy(x[part]), "target": pa.array(y[part])})
+            for part in np.array_split(np.arange(len(y)), blocks)
+        ]
+        out[name] = ray.data.from_arrow(tables)
+    return out
 
 
 def _rows(catalog: pd.DataFrame, split: str, classes) -> Rows:
@@ -488,30 +514,126 @@ class _StopOnSignals:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training job; see the module docstring for what lands in RUN_DIR.
 
-    Joins the Ray cluster at config.address / RAY_ADDRESS, else starts a local one. Rerunning
-    the same config continues from the latest checkpoint; a finished run returns at once.
-    SIGTERM or Ctrl-C raise TrainStopped (exit code 143 or 130), leaving resumable checkpoints.
+    Joins the Ray cluster at config.address / RAY_ADDRESS, else starts a local one; with
+    config.local, trains in this process without Ray (one worker; the feature stage on the local
+    executor). Rerunning the same config continues from the latest checkpoint; a finished run
+    returns at once. SIGTERM or Ctrl-C raise TrainStopped (exit code 143 or 130), leaving
+    resumable checkpoints.
     """
     stop = _StopOnSignals()
     stop.install()
     try:
         return _train(config, stop.install)
     except TrainStopped as e:
-        raise TrainStopped(stop.signum or e.signum, e.epoch) from None
+        raise TrainStopped(stop.signum or e.signum, e.epoch or _last_epoch(config)) from None
     except BaseException:
-        if stop.signum:  # Ray Train's abort surfaced as another error
-            raise TrainStopped(stop.signum) from None
+        if stop.signum:  # Ray Train's abort (or a worker pool's) surfaced as another error
+            raise TrainStopped(stop.signum, _last_epoch(config)) from None
         raise
     finally:
         stop.restore()
 
 
-def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResult:
+def _last_epoch(config: TrainConfig) -> int | None:
+    """The last epoch in RUN_DIR/metrics.jsonl (its checkpoint is what a rerun resumes from)."""
+    try:
+        metrics = read_metrics(Path(config.out).expanduser())
+    except (OSError, ValueError):
+        return None
+    return int(metrics[-1]["epoch"]) if metrics else None
+
+
+def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
+    """The backbone features of the catalog's rows (from the cache, or computed: by Ray Data's
+    actor pool, or with --local by the local executor in this process)."""
+    from devise.features import extract_features
+    from devise.pipeline import PipelineConfig
+
+    runner = None
+    if config.local:
+        from devise.executors import run_local
+
+        runner = run_local
+        pipe = PipelineConfig(batch_size=config.embed_batch_size, use_gpu=config.use_gpu)
+    else:
+        _, embed_cpus, decode_cpus = _resources(config)
+        pipe = PipelineConfig(
+            batch_size=config.embed_batch_size,
+            num_workers=config.embed_workers,
+            cpus_per_worker=embed_cpus,
+            decode_cpus=decode_cpus,
+            use_gpu=config.use_gpu,
+            gpus_per_worker=config.gpus_per_worker,
+        )
+    return extract_features(
+        catalog,
+        backbone=config.backbone,
+        weights=config.weights,
+        image_size=image_size,
+        augment_views=config.augment_views,
+        cache_dir=config.feature_cache,
+        seed=config.seed,
+        pipeline=pipe,
+        runner=runner,
+    )
+
+
+def _fit_ray(
+    config: TrainConfig, loop_cfg: LoopConfig, arrays: dict, storage: str, name: str, run_dir: Path
+) -> tuple[dict, str | None]:
+    """train_loop on Ray Train DDP workers; (the final state, its checkpoint's path)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from devise.runtime import init_ray
+    cpus, _, _ = _resources(config)
+    resources = {"CPU": cpus}
+    if config.use_gpu:
+        resources["GPU"] = config.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
+        ),
+        datasets=_ray_datasets(arrays, config.num_workers),
+    )
+    ours = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:  # fit leaves Ray Train's SIGINT handler in place
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ours)
+    return _state_from_result(result), result.checkpoint.path if result.checkpoint else None
 
+
+def _fit_local(
+    config: TrainConfig, loop_cfg: LoopConfig, arrays: dict, storage: str, name: str, run_dir: Path
+) -> tuple[dict, str | None]:
+    """train_loop in this process (world size 1), checkpoints in Ray Train's layout under
+    storage/name; (the final state, its checkpoint's path)."""
+    device = torch.device("cuda" if config.use_gpu else "cpu")
+    writer = MetricsWriter(str(run_dir / "metrics.jsonl"))
+    ctx = LocalContext(device, arrays, Path(storage) / name, config.keep_checkpoints, writer.record)
+    train_loop(loop_cfg, ctx)
+    latest = latest_checkpoint(storage, name)
+    if latest is None:
+        raise TrainError(f"Training left no checkpoint in {Path(storage) / name}; rerun it.")
+    try:
+        return read_state(latest / STATE_FILE), str(latest)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+
+
+def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResult:
     _validate(config)
     catalog, vectors, classes = _read_inputs(config)
     info = backbone_info(config.backbone)
@@ -544,41 +666,25 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     resume = latest_checkpoint(storage, name)
-    init_ray(config.address)
-    after_ray_init()
-    cpus, embed_cpus, decode_cpus = _resources(config)
+    if not config.local:
+        from devise.runtime import init_ray
 
+        init_ray(config.address)
+        after_ray_init()
+    workers = 1 if config.local else config.num_workers
+
+    arrays: dict = {}
     if config.mode == "cached":
-        from devise.features import extract_features
-        from devise.pipeline import PipelineConfig
-
-        pipe = PipelineConfig(
-            batch_size=config.embed_batch_size,
-            num_workers=config.embed_workers,
-            cpus_per_worker=embed_cpus,
-            decode_cpus=decode_cpus,
-            use_gpu=config.use_gpu,
-            gpus_per_worker=config.gpus_per_worker,
-        )
-        fs = extract_features(
-            catalog,
-            backbone=config.backbone,
-            weights=config.weights,
-            image_size=image_size,
-            augment_views=config.augment_views,
-            cache_dir=config.feature_cache,
-            seed=config.seed,
-            pipeline=pipe,
-        )
-        train_ds, test_ds, x_train = _feature_datasets(fs, classes, config)
-        if len(x_train) < config.num_workers:
+        fs = _features(config, catalog, image_size)
+        arrays = _feature_arrays(fs, classes)
+        x_train = arrays["train"]["feature"]
+        if len(x_train) < workers:
             raise TrainError(
-                f"Only {len(x_train)} training rows for {config.num_workers} workers; "
+                f"Only {len(x_train)} training rows for {workers} workers; "
                 "lower --num-workers or add images."
             )
         x32 = x_train.astype(np.float32)
         source = CachedFeatures(mean=x32.mean(0), std=x32.std(0))
-        datasets = {"train": train_ds, "test": test_ds}
         resolved["features"] = {
             "path": str(fs.path),
             "key": fs.key,
@@ -597,8 +703,7 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
             backbone_lr=config.backbone_lr or config.lr / 10,
             loader_workers=config.loader_workers,
         )
-        datasets = {}
-        if len(source.train.paths) < config.num_workers:
+        if len(source.train.paths) < workers:
             raise TrainError("Fewer training images than --num-workers; lower --num-workers.")
     loop_cfg = LoopConfig(
         spec=asdict(spec),
@@ -617,40 +722,16 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
         epoch_line_every_s=console.line_every_s(),
     )
 
-    resources = {"CPU": cpus}
-    if config.use_gpu:
-        resources["GPU"] = config.gpus_per_worker
     before = read_metrics(run_dir)
+    where = "in this process (no Ray)" if config.local else f"with {workers} workers"
     print(
         f"Training {config.head} head ({config.mode}, {config.backbone} @ {image_size}px) on "
-        f"{len(classes.keys)} classes with {config.num_workers} workers; run {name} in {storage}"
+        f"{len(classes.keys)} classes {where}; run {name} in {storage}"
         + (f"; resuming after epoch {before[-1]['epoch']}" if before else ""),
         flush=True,
     )
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            callbacks=[metrics_callback(run_dir / "metrics.jsonl")],
-        ),
-        datasets=datasets,
-    )
-    ours = signal.getsignal(signal.SIGINT)
-    try:
-        result = trainer.fit()
-    finally:  # fit leaves Ray Train's SIGINT handler in place
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, ours)
-    state = _state_from_result(result)
+    fit = _fit_local if config.local else _fit_ray
+    state, checkpoint_path = fit(config, loop_cfg, arrays, storage, name, run_dir)
     if int(state["epoch"]) < config.epochs:  # Ray Train was aborted (Ctrl-C or SIGTERM)
         raise TrainStopped(signal.SIGINT, int(state["epoch"]))
     head = DeviseHead(spec)
@@ -677,7 +758,7 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
         run_dir=run_dir,
         model_dir=model_dir,
         metrics=metrics,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        checkpoint_path=checkpoint_path,
         resumed=bool(before),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args, preflight
+from devise.runtime import LOCAL_HELP, add_ray_args, check_local, preflight
 
 
 def add_cli(subparsers) -> None:
@@ -31,12 +31,20 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone batch")
     p.add_argument("--decode-cpus", type=float, default=None, help="CPUs per decode task")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    add_ray_args(p, workers_help="backbone actors (feature extraction)", num_workers=1)
+    add_ray_args(
+        p,
+        workers_help="backbone actors (feature extraction)",
+        num_workers=1,
+        local_help=LOCAL_HELP + "; features by the local executor (decode processes + the "
+        "backbone here, as `devise embed --local`)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    preflight(args.address)  # a dead cluster is named before the stage loads
+    check_local(args.local, args.address)
+    if not args.local:
+        preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.evaluate import run_cli
 
     return run_cli(args)

@@ -1,10 +1,10 @@
-"""`devise train` (and jobs/train.py): the DeViSE head with Ray Train."""
+"""`devise train` (and jobs/train.py): the DeViSE head with Ray Train, or in this process."""
 
 from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args, preflight
+from devise.runtime import LOCAL_HELP, add_ray_args, check_local, given_workers, preflight
 
 # Chosen by measurement (docs: DESIGN.md, "What accuracy to expect"): on Fashion-MNIST a linear
 # head matched the MLP on zero-shot and was within a point on seen classes, with fewer weights.
@@ -79,7 +79,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", default=None, help="default: $DEVISE_HOME/features")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to retry")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep")
-    add_ray_args(p, workers_help="Ray Train workers (DDP)")
+    add_ray_args(
+        p,
+        workers_help="Ray Train workers (DDP)",
+        local_help=LOCAL_HELP + "; one training worker, the feature stage by the local executor "
+        "(decode processes + the backbone here, as `devise embed --local`); resumes runs of "
+        "either kind",
+    )
     g = p.add_argument_group("feature stage (cached mode: the frozen backbone over every image)")
     g.add_argument(
         "--feature-workers",
@@ -110,14 +116,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train the DeViSE head with Ray Train (resumes when rerun)"
+        "train", help="train the DeViSE head with Ray Train or --local (resumes when rerun)"
     )
     add_train_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    preflight(args.address)  # a dead cluster is named before the stage loads
+    check_local(args.local, args.address, given_workers(args))
+    if not args.local:
+        preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.training import run_cli
 
     return run_cli(args)
