@@ -423,6 +423,18 @@ def test_two_worker_training_end_to_end_survives_kill(
     assert torch.allclose(head(torch.randn(3, spec.in_dim)).norm(dim=1), torch.ones(3))
     assert np.load(out / "class_vectors.npy").shape == (len(spec.class_keys), 8)
 
+    # --local continues the same run in this process (one worker, the cached features): the
+    # same spec and text space as the Ray Train model, and epoch 4 starts from epoch 3's state.
+    i = argv.index("--num-workers")
+    local_argv = [*argv[:i], *argv[i + 2 :], "--epochs", "4", "--local"]
+    assert _load_job().main(local_argv) == 0
+    metrics = T.read_metrics(out)
+    assert [(m["epoch"], m["start_epoch"], m["world_size"]) for m in metrics[2:]] == [
+        (3, 2, 2),
+        (4, 4, 1),
+    ]
+    assert dataclasses.asdict(load_model(out / "model").spec) == dataclasses.asdict(spec)
+
     # A rerun with other settings into the same RUN_DIR is refused, outputs untouched.
     with pytest.raises(T.TrainError, match="other settings"):
         T.train(_config(tiny_inputs, out, lr=0.5))
