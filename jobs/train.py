@@ -2,8 +2,8 @@
 
     ray job submit --working-dir . -- python jobs/train.py --catalog C --out RUN_DIR ...
 
-Joins the cluster at RAY_ADDRESS (or --address) when set, else starts a local Ray. Rerunning the
-same command resumes from the latest checkpoint.
+Joins the cluster at RAY_ADDRESS (or --address) when set, else starts a local Ray; --local trains
+in this process without Ray. Rerunning the same command resumes from the latest checkpoint.
 """
 
 from __future__ import annotations

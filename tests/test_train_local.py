@@ -148,6 +148,22 @@ def test_local_model_serves_embed_search_and_evaluate(inputs: dict, tmp_path: Pa
     assert any((tmp_path / "eval-features").glob("tiny-32px-*"))  # computed here, by --local
 
 
+def test_local_online_mode_tunes_the_last_block(inputs: dict, tmp_path: Path) -> None:
+    """The notebook's way runs in this process too: images through the backbone every epoch,
+    the last block trained and saved with the model."""
+    out = tmp_path / "run"
+    argv = _argv(inputs, out, "--mode", "online", "--unfreeze-last", "--epochs", "2")
+    assert cli.main([*argv, "--backbone-lr", "0.05"]) == 0
+    metrics = T.read_metrics(out)
+    assert [(m["epoch"], m["world_size"], m["decode_errors"]) for m in metrics] == [
+        (1, 1, 0),
+        (2, 1, 0),
+    ]
+    spec = load_model(out / "model").spec
+    assert spec.backbone_weights == str(out / "model" / "backbone.pt")
+    assert Path(spec.backbone_weights).stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
