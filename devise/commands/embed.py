@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import add_ray_args, preflight
+from devise.runtime import LOCAL_HELP, add_ray_args, preflight
 
 DEFAULT_CHUNK_ROWS = 4096  # the store's; a test keeps them equal
 DEFAULT_KEEP_VERSIONS = 3
@@ -86,7 +86,7 @@ def add_cli(subparsers) -> None:
     add_ray_args(
         p,
         workers_help="model actors",
-        local_help="the same as --executor local",
+        local_help=LOCAL_HELP + "; the same as --executor local",
     )
     p.set_defaults(func=run)
 

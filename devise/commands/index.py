@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from devise.runtime import LOCAL_HELP
+
 KINDS = ("flat", "ivf-pq", "hnsw")  # devise.ann.KINDS; a test keeps them equal
 DEFAULT_QUERIES = 500  # devise.ann.DEFAULT_QUERIES
 
@@ -32,7 +34,9 @@ def add_cli(subparsers) -> None:
         default=DEFAULT_QUERIES,
         help="held-out rows that measure recall",
     )
-    p.add_argument("--local", action="store_true", help="build in this process, without Ray")
+    p.add_argument(
+        "--local", action="store_true", help=LOCAL_HELP + "; the parts are added one after another"
+    )
     p.add_argument("--num-tasks", type=int, default=4, help="parallel Ray tasks adding vectors")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each task asks for")
     p.add_argument(
