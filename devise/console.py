@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 LOG_EVERY_S = 30.0  # progress lines when output is not a terminal
+TTY_LINE_EVERY_S = 10.0  # lines of loops without a bar (epochs) on a terminal
 
 _level = NORMAL
 
@@ -74,9 +75,12 @@ def quiet() -> bool:
 
 
 def line_every_s() -> float:
-    """How often a long loop prints a progress line: every step on a terminal or with -v, at
-    most every LOG_EVERY_S seconds when output goes to a file or pipe."""
-    return 0.0 if verbose() or sys.stdout.isatty() else LOG_EVERY_S
+    """How often a loop without a progress bar (training's epochs, printed by a Ray worker)
+    prints a line: every step with -v, at most every TTY_LINE_EVERY_S seconds on a terminal and
+    every LOG_EVERY_S seconds when output goes to a file or pipe."""
+    if verbose():
+        return 0.0
+    return TTY_LINE_EVERY_S if sys.stdout.isatty() else LOG_EVERY_S
 
 
 def is_noise(line: str) -> bool:

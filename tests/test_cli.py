@@ -255,18 +255,18 @@ def test_worker_noise_is_told_from_our_lines():
         assert is_noise(line), line
 
 
-def test_epoch_lines_every_step_on_a_terminal_and_at_most_every_30_s_in_a_file(monkeypatch):
+def test_epoch_lines_every_10_s_on_a_terminal_30_s_in_a_file_and_all_with_verbose(monkeypatch):
     from devise import console
 
     monkeypatch.setattr(console.sys.stdout, "isatty", lambda: False, raising=False)
     assert console.line_every_s() == console.LOG_EVERY_S == 30.0
+    monkeypatch.setattr(console.sys.stdout, "isatty", lambda: True, raising=False)
+    assert console.line_every_s() == console.TTY_LINE_EVERY_S == 10.0
     console.configure(console.VERBOSE)
     try:
         assert console.line_every_s() == 0.0
     finally:
         console.configure(console.NORMAL)
-    monkeypatch.setattr(console.sys.stdout, "isatty", lambda: True, raising=False)
-    assert console.line_every_s() == 0.0
 
 
 @pytest.mark.timeout(300)
