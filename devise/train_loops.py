@@ -518,7 +518,7 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
 
     loss_fn = get_loss(cfg.loss)
     loss_kwargs = {"margin": cfg.margin} if cfg.loss == "rank" else {}
-    classes = torch.as_tensor(np.asarray(cfg.class_matrix), dtype=torch.float32).to(device)
+    classes = torch.from_numpy(np.array(cfg.class_matrix, np.float32)).to(device)  # a copy
     bs = cfg.batch_size
     steps = max(1, math.ceil(_all_reduce([source.n_train], device, op="max")[0] / bs))
     last_line = time.perf_counter()
