@@ -74,6 +74,13 @@ class _ImageEncoder:
         return normalize_rows(self.actor(batch)["embedding"])
 
 
+def check_k(k: int) -> int:
+    """k as an int, or SearchError unless it is a whole number from 1 to MAX_K."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+        raise SearchError(f"k must be a whole number from 1 to {MAX_K}, not {k!r}.")
+    return int(k)
+
+
 class Index:
     """One committed version of an embeddings folder, searchable by words, images and ids.
 
@@ -251,17 +258,12 @@ class Index:
 
     # -- searching -----------------------------------------------------------------------------
 
-    def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
-            raise SearchError(f"k must be a whole number from 1 to {MAX_K}, not {k!r}.")
-        return int(k)
-
     def search_vectors(
         self, vectors: np.ndarray, k: int = 10, exclude: Sequence[int | None] | None = None
     ) -> list[list[dict]]:
         """Query vectors (Q, D) -> Q lists of k records. exclude[q], a row number, is left out
         of query q's results."""
-        k = self._check_k(k)
+        k = check_k(k)
         extra = 1 if exclude is not None and any(e is not None for e in exclude) else 0
         scores, idx = self._base.search(vectors, k + extra)
         out = []
@@ -283,7 +285,7 @@ class Index:
                 raise SearchError(
                     f"A text query is {len(q)} characters long; the limit is {MAX_QUERY_CHARS}."
                 )
-        k = self._check_k(k)
+        k = check_k(k)
         if not queries:
             return []
         rows = self.search_vectors(self.encode_text([q.strip() for q in queries]), k)
@@ -294,7 +296,7 @@ class Index:
     ) -> list[dict]:
         """An image (path, encoded bytes or PIL image) -> its k nearest images. A path that is
         itself in the index is left out of its results unless include_self."""
-        k = self._check_k(k)
+        k = check_k(k)
         vec = self.encode_images([image])
         skip = None
         if not include_self and isinstance(image, str | os.PathLike):
@@ -303,7 +305,7 @@ class Index:
 
     def similar(self, id: str, k: int = 10) -> list[dict]:
         """The k images nearest to an indexed image (itself left out); KeyError for unknown ids."""
-        k = self._check_k(k)
+        k = check_k(k)
         row = self.row(id)
         return self.search_vectors(self._base.matrix[row][None], k, exclude=[row])[0]
 

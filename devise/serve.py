@@ -29,13 +29,11 @@ if TYPE_CHECKING:
     from devise.api import Index
 
 
+from devise.commands.serve import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_UPLOAD_MB = 10.0
 THUMB_SIZES = (16, 512)  # smallest and largest thumbnail edge served
 # The page's files, by the only names a request can ask for.
 WEB_FILES = {
@@ -167,12 +165,14 @@ def search_many(index: "Index", requests: list[tuple[list[str], int]]) -> list:
     """Several text-search requests against one index version: for each request its per-query
     hits, or the SearchError/UnknownWordError that request alone earns (a bad query in one
     request never fails the others)."""
-    from devise.api import MAX_K
+    from devise.api import check_k
     from devise.search import SearchError
     from devise.vectors import UnknownWordError
 
-    if len(requests) > 1 and all(1 <= k <= MAX_K for _, k in requests):
+    if len(requests) > 1:
         try:
+            for _, k in requests:
+                check_k(k)
             found = iter(
                 index.search([t for q, _ in requests for t in q], max(k for _, k in requests))
             )
@@ -229,15 +229,17 @@ def _service_class(api):
                 "max_upload_mb": cfg.max_upload_mb,
             }
 
-        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-        async def _search_batch(self, requests: list[tuple[list[str], int]]) -> list:
-            index = self.follower.index  # one version for the whole batch
+        async def _answer_searches(self, requests: list[tuple[list[str], int]]) -> list:
+            index = self.follower.index  # one version for all of them
             found = await anyio.to_thread.run_sync(search_many, index, requests)
             return [(index, f) for f in found]
 
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        async def _search_batch(self, requests: list[tuple[list[str], int]]) -> list:
+            return await self._answer_searches(requests)
+
         async def _search_alone(self, request: tuple[list[str], int]) -> tuple:
-            index = self.follower.index
-            return index, (await anyio.to_thread.run_sync(search_many, index, [request]))[0]
+            return (await self._answer_searches([request]))[0]
 
         @api.get("/api/search")
         async def search(self, q: Annotated[list[str], Query()], k: KQuery = 10):

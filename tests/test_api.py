@@ -140,10 +140,13 @@ def test_batched_search_answers_each_request_as_alone(data):
     found = search_many(index, requests)
     assert found == [index.search(q, k) for q, k in requests]
     assert [len(hits) for hits in found[1]] == [4, 4] and len(found[2][0]) == 1
-    bad = search_many(index, [(["dog"], 3), ([""], 3), (["kiten"], 3), (["ship"], 0)])
+    bad = search_many(
+        index, [(["dog"], 3), ([""], 3), (["kiten"], 3), (["ship"], 0), (["ship"], 2.5)]
+    )
     assert bad[0] == index.search(["dog"], 3)
     assert isinstance(bad[1], SearchError) and isinstance(bad[2], UnknownWordError)
     assert isinstance(bad[3], SearchError) and "k must be" in str(bad[3])
+    assert isinstance(bad[4], SearchError) and "whole number" in str(bad[4])
 
 
 def test_the_service_routes_answer_without_ray(data):
