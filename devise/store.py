@@ -194,11 +194,12 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
         return np.zeros((0, dim), dtype=np.float32)
     flat = col.combine_chunks().flatten()
     if flat.type == pa.float32() and flat.null_count == 0:
-        # The values buffer itself: Array.to_numpy imports pandas, a second of a cold search.
+        # A view of the values buffer (no copy, like to_numpy's, which imports pandas: a
+        # second of a cold search).
         values = np.frombuffer(flat.buffers()[1], np.float32, len(flat), flat.offset * 4)
     else:
         values = flat.to_numpy(zero_copy_only=False)
-    return np.array(values, dtype=np.float32).reshape(-1, dim)
+    return np.asarray(values, dtype=np.float32).reshape(-1, dim)
 
 
 def row_keys(df: pd.DataFrame) -> pd.Series:
