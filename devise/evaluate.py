@@ -285,14 +285,9 @@ def evaluate(config: EvalConfig) -> dict:
         config.gpus_per_worker, config.batch_size,
     )  # fmt: skip
     pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
-    runner = None
-    if config.local:
-        from devise.executors import run_local
-
-        runner = run_local
     fs = extract_features(
         catalog, spec.backbone, spec.backbone_weights, spec.image_size, 0,
-        config.feature_cache, config.seed, pipeline, runner=runner,
+        config.feature_cache, config.seed, pipeline, local=config.local,
     )  # fmt: skip
 
     seen_keys = list(spec.class_keys)

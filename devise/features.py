@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -239,16 +239,17 @@ def _write_entry(
     return final
 
 
-Runner = Callable[[pd.DataFrame, PipelineConfig, int], Iterator[dict[str, np.ndarray]]]
-
-
 def _run_pipeline(
-    table: pd.DataFrame, config: PipelineConfig, seed: int, dim: int, runner: Runner
+    table: pd.DataFrame, config: PipelineConfig, seed: int, dim: int, local: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (N, F) float16 and error strings (N,) for every table row, in table order."""
     features = np.zeros((len(table), dim), dtype=np.float16)
     errors = np.full(len(table), "", dtype=object)
     seen = np.zeros(len(table), dtype=bool)
+    if local:
+        from devise.executors import run_local as runner
+    else:
+        runner = run_images
     batches = runner(table[["path", "view", "_row"]], config, seed)
     for batch in progress(batches, len(table), "backbone features"):
         idx = batch["_row"].astype(np.int64)
@@ -270,7 +271,7 @@ def extract_features(
     seed: int = 0,
     pipeline: PipelineConfig | None = None,
     augment_splits: Sequence[str] = ("train",),
-    runner: Runner | None = None,
+    local: bool = False,
 ) -> FeatureSet:
     """Backbone features of every catalog row (+ augment_views augmented copies of each row in
     augment_splits), from the cache when an entry with the same key exists, else computed with
@@ -278,8 +279,8 @@ def extract_features(
 
     catalog needs path, label and split columns (class_name optional). pipeline gives the
     resources (actors, CPUs, GPU, batch size); its model fields are overridden by the arguments
-    here. runner is the executor: the Ray Data pipeline by default (Ray must then be initialised
-    when the entry is not cached yet), or devise.executors.run_local to run in this process.
+    here. Missing features are computed by the Ray Data pipeline (Ray must then be initialised),
+    or with local by devise.executors.run_local in this process.
     """
     missing = {"path", "label", "split"} - set(catalog.columns)
     if missing:
@@ -312,7 +313,7 @@ def extract_features(
         head_dir=None,
     )
     start = time.perf_counter()
-    features, errors = _run_pipeline(table, config, seed, info.feature_dim, runner or run_images)
+    features, errors = _run_pipeline(table, config, seed, info.feature_dim, local)
     seconds = time.perf_counter() - start
     ok = errors == ""
     rows = table.loc[ok, ROW_COLUMNS].reset_index(drop=True)

@@ -581,11 +581,7 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
     from devise.features import extract_features
     from devise.pipeline import PipelineConfig
 
-    runner = None
     if config.local:
-        from devise.executors import run_local
-
-        runner = run_local
         pipe = PipelineConfig(batch_size=config.embed_batch_size, use_gpu=config.use_gpu)
     else:
         _, embed_cpus, decode_cpus = _resources(config)
@@ -606,7 +602,7 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
         cache_dir=config.feature_cache,
         seed=config.seed,
         pipeline=pipe,
-        runner=runner,
+        local=config.local,
     )
 
 
