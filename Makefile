@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
-# e.g. `make demo DEMO_ARGS=--all` for all 70,000 Fashion-MNIST images
+# e.g. `make demo DEMO_ARGS=--all` for all 70,000 Fashion-MNIST images, or
+# `make demo DATA=/path/to/tiny-imagenet-200` for your own photos (devise demo --data)
 DEMO_ARGS ?=
 
 .PHONY: setup demo test bench lint clean gpu-wheels wheel check-wheel lock
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) -m devise demo --out runs/demo $(DEMO_ARGS)
+	$(PY) -m devise demo --out runs/demo $(if $(DATA),--data $(DATA)) $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

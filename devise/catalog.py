@@ -31,6 +31,16 @@ def detect_layout(root: str | os.PathLike) -> str:
     return "folder"
 
 
+def count_classes(root: str | os.PathLike) -> int:
+    """How many classes a data folder holds (wnids.txt lines, or sub-folders), without a scan."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CatalogError(f"Data folder {root} does not exist or is not a folder.")
+    if detect_layout(root) == "tiny-imagenet":
+        return len([w for w in (root / "wnids.txt").read_text().split() if w.strip()])
+    return sum(1 for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _walk_images(folder: Path, skipped: list | None = None) -> list[Path]:
     """Image files below folder, sorted. A name that cannot be catalogued safely (not UTF-8, a
     control character such as a newline) is left out and appended to skipped as (path, reason)."""

@@ -24,6 +24,9 @@ from devise.search import normalize_rows
 
 log = logging.getLogger(__name__)
 KS = (1, 2, 5, 10)
+# The model's default scorer when it blends DeViSE with its backbone's ConSE (HeadSpec).
+COMBINED = "DeViSE+ConSE"
+METHODS = ("softmax", "ConSE", "DeViSE", COMBINED)
 
 
 class EvalError(DeviseError, ValueError):
@@ -41,6 +44,7 @@ class EvalConfig:
     calibration_draws: int = 5  # pseudo-unseen draws whose H curves are averaged to pick gamma
     seed: int = 0
     aux_epochs: int | None = None  # None: the real run's epochs (read from RUN_DIR/config.json)
+    concepts: list[str] | None = None  # group words to score (None: CONCEPT_WORDS)
     # Ray resources for feature extraction (a cache hit needs none)
     num_workers: int = 1
     use_gpu: bool = False
@@ -153,7 +157,7 @@ def fit_aux_head(
 
     recipe = recipe or TrainRecipe()
     torch.manual_seed(seed)
-    head = DeviseHead(replace(spec, class_keys=[], class_names=[]))
+    head = DeviseHead(replace(spec, class_keys=[], class_names=[], conse_classes=0))
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
     head.set_feature_stats(xt.mean(0), xt.std(0))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -180,24 +184,27 @@ def _embed(head, x: np.ndarray) -> np.ndarray:
 # The evaluation
 
 
-def _class_matrix(keys, names, space) -> tuple[list[str], list[str], np.ndarray]:
-    from devise.labels import ClassInfo, class_vectors
+def _class_matrix(keys, names, space, wording="name") -> tuple[list[str], list[str], np.ndarray]:
+    from devise.labels import ClassInfo, class_vectors, describe
 
-    cv = class_vectors([ClassInfo(k, [n]) for k, n in zip(keys, names)], space)
+    infos = describe([ClassInfo(k, [n]) for k, n in zip(keys, names)])
+    cv = class_vectors(infos, space, wording=wording)
     return list(cv.keys), list(cv.names), cv.matrix
 
 
 GAMMA_GRID = np.linspace(-0.5, 1.0, 301)
 
 
-def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) -> dict:
+def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config, conse=None) -> dict:
     """Calibrated stacking's constant, chosen on the training split only.
 
     Each of `calibration_draws` draws holds out a different random set of training classes as
     pseudo-unseen, trains an auxiliary head on the rest (80% of their rows) exactly like the
     real head (the run's epochs, optimizer, batch, loss), and scores the other 20% plus the
     pseudo-unseen rows. The H curves over gamma are averaged across draws and gamma is their
-    argmax: one draw's optimum depends on which classes happened to be held out."""
+    argmax: one draw's optimum depends on which classes happened to be held out. With
+    `conse` (features -> ConSE embedding) the model's blend of both gets its own constant
+    ("gamma_combined"), from the auxiliary head blended with ConSE at spec.conse_weight."""
     n_classes = len(train_keys)
     p = config.pseudo_unseen or max(1, round(0.2 * n_classes))
     if n_classes - p < 2:
@@ -208,7 +215,19 @@ def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) 
     key_index = {k: i for i, k in enumerate(train_keys)}
     targets = np.array([key_index.get(k, -1) for k in train.labels])
     keep = targets >= 0
-    curves, draws = [], []
+    curves, curves_combined, draws = [], [], []
+    w = float(spec.conse_weight)
+
+    def h_curve(scores, val_rows, is_pseudo, unseen_classes):
+        return np.array(
+            [
+                generalized_zero_shot(
+                    scores, targets[val_rows], is_pseudo[val_rows], unseen_classes, g
+                )["H"]
+                for g in GAMMA_GRID
+            ]
+        )
+
     for d in range(max(1, config.calibration_draws)):
         rng = np.random.default_rng(config.seed + 7919 * d)
         pseudo = set(rng.choice(train_keys, size=p, replace=False).tolist())
@@ -226,17 +245,15 @@ def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) 
             config.seed + d,
             recipe,
         )
-        scores = _embed(head, train.features[val_rows]) @ class_matrix.T
+        emb = _embed(head, train.features[val_rows])
         unseen_classes = np.array([k in pseudo for k in train_keys])
-        curve = np.array(
-            [
-                generalized_zero_shot(
-                    scores, targets[val_rows], is_pseudo[val_rows], unseen_classes, g
-                )["H"]
-                for g in GAMMA_GRID
-            ]
-        )
+        curve = h_curve(emb @ class_matrix.T, val_rows, is_pseudo, unseen_classes)
         curves.append(curve)
+        if conse is not None and 0 < w:
+            both = normalize_rows((1 - w) * emb + w * conse(train.features[val_rows]))
+            curves_combined.append(
+                h_curve(both @ class_matrix.T, val_rows, is_pseudo, unseen_classes)
+            )
         draws.append(
             {
                 "pseudo_unseen": sorted(pseudo),
@@ -245,8 +262,12 @@ def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config) 
             }
         )
     mean_curve = np.mean(curves, axis=0)
+    combined = {}
+    if curves_combined:
+        combined["gamma_combined"] = float(GAMMA_GRID[int(np.mean(curves_combined, 0).argmax())])
     return {
         "gamma": float(GAMMA_GRID[int(mean_curve.argmax())]),
+        **combined,
         "draws": draws,
         "pseudo_unseen": draws[0]["pseudo_unseen"],
         "validation_rows": draws[0]["validation_rows"],
@@ -293,12 +314,13 @@ def evaluate(config: EvalConfig) -> dict:
     seen_keys = list(spec.class_keys)
     names = catalog.groupby("label")["class_name"].first().to_dict()
     unseen_keys = sorted(set(catalog.loc[catalog["split"] == "unseen", "label"]) - set(seen_keys))
+    wording = spec.class_text
     seen_keys, seen_names, seen_matrix = _class_matrix(
-        seen_keys, [names.get(k, n) for k, n in zip(seen_keys, spec.class_names)], vectors
+        seen_keys, [names.get(k, n) for k, n in zip(seen_keys, spec.class_names)], vectors, wording
     )
     if unseen_keys:
         unseen_keys, unseen_names, unseen_matrix = _class_matrix(
-            unseen_keys, [names[k] for k in unseen_keys], vectors
+            unseen_keys, [names[k] for k in unseen_keys], vectors, wording
         )
     else:
         unseen_names, unseen_matrix = [], np.zeros((0, seen_matrix.shape[1]), np.float32)
@@ -328,32 +350,34 @@ def evaluate(config: EvalConfig) -> dict:
     # Representations of each method: (N, D) in the word space, or None where it has none.
     reps: dict[str, dict[str, np.ndarray | None]] = {}
     reps["DeViSE"] = {
-        "test": _embed(head, test.features),
-        "unseen": _embed(head, unseen.features),
+        "test": _embed(head.devise, test.features),
+        "unseen": _embed(head.devise, unseen.features),
     }
     conse_note = ""
-    try:
-        from devise.backbones import imagenet_categories, load_backbone
+    conse_fn = None
+    if spec.conse_classes:
+        # The model's own ConSE branch: its classifier and its labels in the model's wording.
 
-        backbone = load_backbone(spec.backbone, spec.backbone_weights)
-        cats = imagenet_categories()
-        known = np.array([vectors.has_vector(c) for c in cats])
-        label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
-        label_vectors[known] = vectors.encode([c for c, k in zip(cats, known) if k])
+        def conse_fn(x):
+            return _embed(head.conse, x)
 
-        def conse(x):
-            with torch.no_grad():
-                logits = backbone.classify(torch.from_numpy(x.astype(np.float32))).numpy()
-            return conse_embeddings(logits, label_vectors, known, config.conse_top)
-
-        reps["ConSE"] = {"test": conse(test.features), "unseen": conse(unseen.features)}
-        reps["ConSE"]["train"] = conse(train.features)
+        reps["ConSE"] = {
+            "test": conse_fn(test.features),
+            "unseen": conse_fn(unseen.features),
+            "train": conse_fn(train.features),
+        }
+        known = int(head.label_known.sum())
         conse_note = (
-            f"{int(known.sum())}/{len(cats)} ImageNet class names have a vector in {vectors.id}"
+            f"{known}/{spec.conse_classes} ImageNet classes have a vector in {vectors.id} "
+            f"(worded as {wording})"
         )
-    except Exception as e:  # noqa: BLE001 -- e.g. the test backbone has no ImageNet classifier
-        conse_note = f"ConSE not available: {e}"
-        reps["ConSE"] = {"test": None, "unseen": None}
+    if spec.conse_classes and spec.conse_weight > 0:
+        reps[COMBINED] = {
+            "test": _embed(head, test.features),
+            "unseen": _embed(head, unseen.features),
+        }
+    if not spec.conse_classes:
+        reps["ConSE"], conse_note = _conse_from_backbone(spec, vectors, config, test, unseen, train)
 
     softmax = fit_softmax(
         train.features[[k in key_index for k in train.labels]],
@@ -365,8 +389,13 @@ def evaluate(config: EvalConfig) -> dict:
         softmax_test = softmax(torch.from_numpy(test.features.astype(np.float32))).numpy()
 
     rows: dict[str, dict] = {}
-    gamma_info = _choose_gamma_on_training_split(spec, fs, seen_keys, seen_matrix, config)
-    gammas = {"DeViSE": gamma_info["gamma"], "ConSE": 0.0}
+    default_method = COMBINED if COMBINED in reps else "DeViSE"
+    gamma_info = _choose_gamma_on_training_split(spec, fs, seen_keys, seen_matrix, config, conse_fn)
+    gammas = {
+        "DeViSE": gamma_info["gamma"],
+        "ConSE": 0.0,
+        COMBINED: gamma_info.get("gamma_combined", 0.0),
+    }
     if reps["ConSE"]["test"] is not None and gamma_info.get("pseudo_unseen"):
         # ConSE has no training: its constant is chosen on the training split's images directly,
         # with the same pseudo-unseen classes.
@@ -376,7 +405,11 @@ def evaluate(config: EvalConfig) -> dict:
         gammas["ConSE"] = choose_gamma(
             reps["ConSE"]["train"][ok] @ seen_matrix.T, t_train[ok], pseudo[t_train[ok]], pseudo
         )
-    for method, rep in [("softmax", None), ("ConSE", reps["ConSE"]), ("DeViSE", reps["DeViSE"])]:
+    concepts = _concepts(all_keys, all_names, config.concepts)
+    methods = [("softmax", None), ("ConSE", reps["ConSE"]), ("DeViSE", reps["DeViSE"])]
+    if COMBINED in reps:
+        methods.append((COMBINED, reps[COMBINED]))
+    for method, rep in methods:
         row: dict = {}
         if method == "softmax":
             row["flat"] = hit_at_k(softmax_test[test_ok], t_test[test_ok], KS)
@@ -404,7 +437,9 @@ def evaluate(config: EvalConfig) -> dict:
             row["retrieval"] = retrieval_metrics(
                 all_matrix @ both.T, targets[None, :] == np.arange(len(all_keys))[:, None], 10
             )
-            if method == "DeViSE":
+            if concepts:
+                row["concepts"] = _concept_precision(concepts, vectors, both, targets)
+            if method == default_method:
                 for gamma, name, title in (
                     (0.0, "confusion.png", "uncalibrated (raw cosine, γ = 0)"),
                     (
@@ -435,6 +470,9 @@ def evaluate(config: EvalConfig) -> dict:
         "unseen_classes": unseen_names,
         "calibration": gamma_info,
         "conse": conse_note,
+        "class_text": spec.class_text,
+        "conse_weight": float(spec.conse_weight) if spec.conse_classes else 0.0,
+        "default_method": default_method,
         "methods": rows,
         "config": asdict(config),
     }
@@ -443,6 +481,67 @@ def evaluate(config: EvalConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
     (out / "report.md").write_text(markdown_report(report))
     return report
+
+
+def _conse_from_backbone(spec, vectors, config, test, unseen, train) -> tuple[dict, str]:
+    """ConSE for a model without its own branch: the backbone's classifier and the ImageNet
+    class names in the text space."""
+    try:
+        from devise.backbones import imagenet_categories, load_backbone
+
+        backbone = load_backbone(spec.backbone, spec.backbone_weights)
+        cats = imagenet_categories()
+        known = np.array([vectors.has_vector(c) for c in cats])
+        label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
+        label_vectors[known] = vectors.encode([c for c, k in zip(cats, known) if k])
+
+        def conse(x):
+            with torch.no_grad():
+                logits = backbone.classify(torch.from_numpy(x.astype(np.float32))).numpy()
+            return conse_embeddings(logits, label_vectors, known, config.conse_top)
+
+        rep = {"test": conse(test.features), "unseen": conse(unseen.features)}
+        rep["train"] = conse(train.features)
+        note = f"{int(known.sum())}/{len(cats)} ImageNet class names have a vector in {vectors.id}"
+        return rep, note
+    except Exception as e:  # noqa: BLE001 -- e.g. the test backbone has no ImageNet classifier
+        return {"test": None, "unseen": None}, f"ConSE not available: {e}"
+
+
+# Everyday words that name a group of classes; each is scored where it covers two or more of
+# the evaluated classes (WordNet hyponyms).
+CONCEPT_WORDS = (
+    "dog", "cat", "bird", "fish", "insect", "monkey", "snake", "fruit", "vegetable", "vehicle",
+    "boat", "bridge", "building", "clothing", "footwear", "furniture", "kitchen utensil",
+    "container", "musical instrument", "tool",
+)  # fmt: skip
+
+
+def _concepts(keys: list[str], names: list[str], words) -> dict[str, np.ndarray]:
+    """Group word -> (C,) bool: which evaluated classes it covers (WordNet hyponyms). A class is
+    placed in WordNet by its wnid, or by the noun its name names."""
+    from devise import wordnet
+
+    synsets = [k if wordnet.is_wnid(k) else wordnet.noun_for_name(n) for k, n in zip(keys, names)]
+    known = [s for s in synsets if s]
+    out = {}
+    for word in words if words is not None else CONCEPT_WORDS:
+        concept = wordnet.concept_for(word, known)
+        if concept is not None:
+            out[word] = np.array([bool(s) and wordnet.covers(concept, s) for s in synsets])
+    return out
+
+
+def _concept_precision(concepts: dict, space, images: np.ndarray, targets: np.ndarray) -> dict:
+    """Each group word as a query over the images: P@10 (an image counts when its class is a
+    hyponym), per word and their mean, in percent."""
+    words = list(concepts)
+    sims = space.encode(words) @ images.T
+    per = {}
+    for i, word in enumerate(words):
+        top = np.argsort(-sims[i], kind="stable")[:10]
+        per[word] = float(100.0 * concepts[word][targets[top]].mean())
+    return {"P@10": float(np.mean(list(per.values()))), "per_word": per}
 
 
 def _json_default(o):
@@ -505,22 +604,29 @@ def markdown_report(report: dict) -> str:
             f"{c['unseen_classes']} held out ({', '.join(report['unseen_classes']) or 'none'})."
         ),
         "",
-        "| method | flat hit@1 | @2 | @5 | @10 | zero-shot hit@1 | @2 | @5 | @10 | P@10 | mAP |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            "| method | flat hit@1 | @2 | @5 | @10 | zero-shot hit@1 | @2 | @5 | @10 | P@10 | mAP "
+            "| group words P@10 |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for method in ("softmax", "ConSE", "DeViSE"):
+    methods = [m for m in METHODS if m in report["methods"]]
+    for method in methods:
         row = report["methods"].get(method, {})
         flat = [row.get("flat", {}).get(f"hit@{k}") for k in KS]
         zs = [row.get("zero_shot", {}).get(f"hit@{k}") for k in KS]
         ret = row.get("retrieval", {})
-        cells = [*flat, *zs, ret.get("P@10"), ret.get("mAP")]
-        lines.append(f"| {method} | " + " | ".join(_fmt(x) for x in cells) + " |")
+        cells = [*flat, *zs, ret.get("P@10"), ret.get("mAP"), row.get("concepts", {}).get("P@10")]
+        name = f"**{method}** (default)" if method == report.get("default_method") else method
+        lines.append(f"| {name} | " + " | ".join(_fmt(x) for x in cells) + " |")
     lines += [
         "",
         (
             "Flat hit@k: test images of the training classes, nearest among the training classes. "
             "Zero-shot (DeViSE-0): held-out images among the held-out classes only. "
-            "P@10 and mAP: each class name as a search query over the test and held-out images."
+            "P@10 and mAP: each class's text as a search query over the test and held-out "
+            'images. Group words: everyday words that name several classes ("bird", '
+            '"vehicle"), an image counting when WordNet puts its class under the word.'
         ),
         "",
         "Generalized zero-shot (test + held-out images among all classes; per-class top-1):",
@@ -528,7 +634,7 @@ def markdown_report(report: dict) -> str:
         "| method | calibration | seen | unseen | H |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for method in ("ConSE", "DeViSE"):
+    for method in methods[1:]:
         row = report["methods"].get(method, {})
         for key, label in (("gzsl", "none"), ("gzsl_calibrated", "calibrated stacking")):
             g = row.get(key)
@@ -555,6 +661,18 @@ def markdown_report(report: dict) -> str:
         ]
     if report.get("conse"):
         lines += ["", f"ConSE: {report['conse']}."]
+    lines += [
+        "",
+        (
+            f"Class text: {report.get('class_text', 'name')}; the default scorer blends ConSE in "
+            f"with weight {report.get('conse_weight', 0.0):.1f} (both chosen on pseudo-unseen "
+            "training classes when training)."
+        ),
+    ]
+    per = report["methods"].get(report.get("default_method"), {}).get("concepts", {})
+    if per.get("per_word"):
+        words = ", ".join(f"{w} {p / 10:.0f}/10" for w, p in per["per_word"].items())
+        lines += ["", f"Group words, {report.get('default_method')} top 10: {words}."]
     return "\n".join(lines) + "\n"
 
 

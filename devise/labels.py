@@ -20,13 +20,86 @@ if TYPE_CHECKING:
 # "mean" averages each name's unit encoding; "joined" encodes the names joined by ", ".
 SYNONYM_STRATEGIES = ("mean", "joined")
 
+# How a class is put into words before it is encoded. `devise train --class-text auto` picks
+# one on pseudo-unseen training classes and records it in the model spec.
+#   name         its display name ("goldfish")
+#   names        the mean of its names' encodings ("goldfish", "carassius auratus")
+#   gloss        "name: description" ("goldfish: small golden or orange-red freshwater fishes...")
+#   names-gloss  "name, name2: description"
+WORDINGS = ("name", "names", "gloss", "names-gloss")
+
 
 @dataclass
 class ClassInfo:
-    """One class: its key (a wnid or a folder name) and its names, most common first."""
+    """One class: its key (a wnid or a folder name), its names, most common first, and a
+    description (WordNet's gloss, or the user's own words) that may be empty."""
 
     key: str
     names: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def class_texts(info: ClassInfo, wording: str) -> list[str]:
+    """The texts whose unit encodings are averaged into the class's vector (see WORDINGS).
+
+    A class with no description is worded by its names alone."""
+    if wording not in WORDINGS:
+        raise ValueError(f"class wording must be one of {', '.join(WORDINGS)}, not {wording!r}.")
+    names = info.names or [info.key]
+    if wording == "name":
+        return names[:1]
+    if wording == "names" or not info.description:
+        return names
+    if wording == "gloss":
+        return [f"{names[0]}: {info.description}"]
+    return [f"{', '.join(names)}: {info.description}"]
+
+
+def describe(classes: Sequence[ClassInfo], texts: dict[str, str] | None = None) -> list[ClassInfo]:
+    """Classes with names and descriptions filled in: a WordNet id (Tiny ImageNet, ImageNet)
+    gets its lemmas (when it has no names) and gloss; a folder name the gloss of the WordNet
+    noun it names in its most common sense; `texts` (key or name -> description, from
+    --class-text FILE) replaces either."""
+    from devise import wordnet
+
+    texts = texts or {}
+    out = []
+    for info in classes:
+        names = list(info.names)
+        description = info.description
+        wnid = info.key if wordnet.is_wnid(info.key) else None
+        if wnid is None and names:
+            wnid = wordnet.noun_for_name(names[0])
+        if wnid is not None:
+            syn = wordnet.synset(wnid)
+            if not names:
+                names = [n.lower() for n in syn.lemmas]
+            description = description or syn.gloss
+        name = names[0] if names else info.key
+        description = texts.get(info.key) or texts.get(name) or description
+        out.append(ClassInfo(info.key, names, description))
+    return out
+
+
+def read_class_text(path: str | os.PathLike) -> dict[str, str]:
+    """A --class-text file: one class a line, "key<TAB>description" (a key is a class id or
+    name); blank lines and lines starting with # are skipped."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"Class text file {path} cannot be read ({e.__class__.__name__})."
+        ) from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, text = line.partition("\t")
+        if not sep or not key.strip() or not text.strip():
+            raise ValueError(f'Line {n} of class text file {path} is not "class<TAB>description".')
+        out[key.strip()] = " ".join(text.split())
+    return out
 
 
 @dataclass
@@ -96,20 +169,28 @@ def class_name(info: ClassInfo) -> str:
 
 
 def class_vectors(
-    classes: Sequence[ClassInfo], space: TextSpace | WordVectors, synonyms: str = "mean"
+    classes: Sequence[ClassInfo],
+    space: TextSpace | WordVectors,
+    synonyms: str = "mean",
+    wording: str | None = None,
 ) -> ClassVectors:
     """Unit-length vector of each class from its names; classes with none are excluded.
 
     Each name is encoded as a phrase by the text space (space.encode). A class with several
     names: synonyms="mean" averages the unit encodings of the names that have one, "joined"
     encodes "name1, name2, ..." as one text (with a word table this is the mean over all their
-    words). Excluded classes are named in one warning; if no class has a vector, ValueError.
+    words). wording (one of WORDINGS) words each class by class_texts instead; a text with no
+    vector is left out. Excluded classes are named in one warning; if no class has a vector,
+    ValueError.
     """
     if synonyms not in SYNONYM_STRATEGIES:
         raise ValueError(f"synonyms must be one of {SYNONYM_STRATEGIES}, not {synonyms!r}.")
     space = as_text_space(space)
     texts: list[list[str]] = []
     for info in classes:
+        if wording is not None:
+            texts.append([t for t in class_texts(info, wording) if space.has_vector(t)])
+            continue
         names = [n for n in info.names if space.has_vector(n)]
         if synonyms == "joined" and len(names) > 1:
             names = [", ".join(names)]

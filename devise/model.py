@@ -41,6 +41,15 @@ class HeadSpec:
     vectors_id: str = ""
     class_keys: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    # How class names were put into words for the text space (labels.WORDINGS).
+    class_text: str = "name"
+    # The ConSE branch: the backbone's classifier (conse_classes outputs) and each output's
+    # vector in the text space. An image's vector is the DeViSE projection blended with the
+    # ConSE embedding (the classifier's top conse_top labels weighted by probability) with
+    # weight conse_weight (0: DeViSE alone, 1: ConSE alone). 0 outputs: no branch.
+    conse_classes: int = 0
+    conse_weight: float = 0.0
+    conse_top: int = 10
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -57,7 +66,9 @@ class DeviseHead(nn.Module):
 
     Features are standardised with the training set's mean and std (buffers saved with the
     weights). kind="mlp" is the notebook's in -> 2D -> D -> D with ReLU and dropout;
-    kind="linear" is the paper's single projection.
+    kind="linear" is the paper's single projection. With a ConSE branch (spec.conse_classes),
+    forward blends the trained projection with what the backbone's own classifier says
+    (see HeadSpec); `devise` and `conse` give each part alone.
     """
 
     def __init__(self, spec: HeadSpec) -> None:
@@ -80,15 +91,53 @@ class DeviseHead(nn.Module):
             self.net = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(f, d))
         else:
             raise ValueError(f"Unknown head kind {spec.kind!r}; choose 'mlp' or 'linear'.")
+        if not 0.0 <= float(spec.conse_weight) <= 1.0:
+            raise ValueError(f"conse_weight must lie in [0, 1], not {spec.conse_weight}.")
+        if spec.conse_classes:
+            c = int(spec.conse_classes)
+            self.register_buffer("cls_weight", torch.zeros(c, f))
+            self.register_buffer("cls_bias", torch.zeros(c))
+            self.register_buffer("label_vectors", torch.zeros(c, d))
+            self.register_buffer("label_known", torch.zeros(c, dtype=torch.bool))
+
+    def set_conse(
+        self, weight: torch.Tensor, bias: torch.Tensor, label_vectors: torch.Tensor
+    ) -> None:
+        """Fill the ConSE branch: the classifier's (C, F) weight and (C,) bias, and each
+        output's (C, D) unit vector (a zero row: that label has no vector and is skipped)."""
+        self.cls_weight.copy_(weight)
+        self.cls_bias.copy_(bias)
+        self.label_vectors.copy_(label_vectors)
+        self.label_known.copy_(label_vectors.norm(dim=1) > 0)
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Store the training features' per-dimension mean and std (B, F) -> (F,)."""
         self.feat_mean.copy_(mean.to(self.feat_mean))
         self.feat_std.copy_(std.clamp_min(1e-6).to(self.feat_std))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def devise(self, features: torch.Tensor) -> torch.Tensor:
+        """The trained projection alone (B, F) -> (B, D), unit rows."""
         x = (features.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
         return F.normalize(self.net(x), dim=-1)
+
+    def conse(self, features: torch.Tensor) -> torch.Tensor:
+        """ConSE (Norouzi et al. 2014) alone (B, F) -> (B, D), unit rows: the classifier's top
+        conse_top labels that have a vector, their vectors weighted by their probabilities."""
+        x = features.to(self.cls_weight.dtype)
+        probs = torch.softmax(x @ self.cls_weight.T + self.cls_bias, dim=-1)
+        probs = probs.masked_fill(~self.label_known, 0.0)
+        top = min(int(self.spec.conse_top), probs.shape[-1])
+        weights, idx = probs.topk(top, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        return F.normalize((weights[..., None] * self.label_vectors[idx]).sum(-2), dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        w = float(self.spec.conse_weight) if self.spec.conse_classes else 0.0
+        if w == 0.0:
+            return self.devise(features)
+        if w == 1.0:
+            return self.conse(features)
+        return F.normalize((1 - w) * self.devise(features) + w * self.conse(features), dim=-1)
 
 
 def save_model(out_dir: str | os.PathLike, head: DeviseHead) -> Path:

@@ -105,6 +105,13 @@ class TrainConfig:
     unfreeze_last: bool = False
     backbone_lr: float | None = None  # --unfreeze-last: lr of the backbone block (default lr/10)
     max_train_per_class: int | None = None
+    # How class names become text (labels.WORDINGS, or "auto": chosen on pseudo-unseen
+    # training classes) and a class -> description file that replaces WordNet's glosses.
+    class_text: str = "auto"
+    class_text_file: str | None = None
+    # Weight of the backbone classifier's ConSE embedding in every image vector, in [0, 1], or
+    # "auto" (chosen with the wording); needs a backbone with an ImageNet classifier.
+    conse_weight: str = "auto"
     seed: int = 0
     precision: str = "auto"
     # Ray resources
@@ -189,6 +196,21 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"--augment-views must be 0 or more, not {config.augment_views}.")
     if config.max_train_per_class is not None and config.max_train_per_class < 1:
         raise TrainError("--max-train-per-class must be at least 1.")
+    from devise.labels import WORDINGS
+
+    if config.class_text not in ("auto", *WORDINGS):
+        raise TrainError(
+            f"Unknown --class-text {config.class_text!r}; choose auto or {', '.join(WORDINGS)}."
+        )
+    if config.conse_weight != "auto":
+        try:
+            ok = 0.0 <= float(config.conse_weight) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise TrainError(
+                f"--conse-weight must be auto or a number from 0 to 1, not {config.conse_weight!r}."
+            )
     check_local(config.local, config.address)
     if config.local and config.storage and "://" in config.storage:
         raise TrainError(
@@ -223,28 +245,52 @@ def select_rows(
     return pd.concat([keep, rest]).sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def training_classes(catalog: pd.DataFrame, vectors) -> Any:
-    """ClassVectors of the classes with training rows (never the held-out `unseen` ones).
+def training_classes(
+    catalog: pd.DataFrame,
+    vectors,
+    wording: str = "name",
+    texts: dict[str, str] | None = None,
+) -> Any:
+    """ClassVectors of the classes with training rows (never the held-out `unseen` ones), each
+    worded as `wording` says (labels.WORDINGS) from its names and description (labels.describe;
+    texts: the user's --class-text descriptions).
 
     Classes without a vector in the text space are excluded with a warning
     (labels.class_vectors)."""
-    from devise.labels import ClassInfo, class_vectors
+    from devise.labels import class_vectors
+
+    try:
+        found = class_vectors(training_class_infos(catalog, texts), vectors, wording=wording)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if len(found.keys) < 2:
+        raise TrainError(
+            f"Only one training class ({', '.join(found.names)}) has a word "
+            "vector; training needs at least two (check --holdout and the vectors)."
+        )
+    return found
+
+
+def training_class_infos(catalog: pd.DataFrame, texts: dict[str, str] | None = None) -> list:
+    """The described classes (labels.ClassInfo) with training rows, sorted by key."""
+    from devise.labels import ClassInfo, describe
 
     train = catalog[catalog["split"] == "train"]
     if train.empty:
         raise TrainError("The catalog has no training rows (split 'train'); rebuild it.")
     names = train.groupby("label", sort=True)["class_name"].first()
-    classes = [ClassInfo(str(k), [str(n)]) for k, n in names.items()]
+    return describe([ClassInfo(str(k), [str(n)]) for k, n in names.items()], texts)
+
+
+def _class_texts(config: TrainConfig) -> dict[str, str] | None:
+    from devise.labels import read_class_text
+
+    if not config.class_text_file:
+        return None
     try:
-        found = class_vectors(classes, vectors)
+        return read_class_text(config.class_text_file)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    if len(found.keys) < 2:
-        raise TrainError(
-            f"Only one training class ({', '.join(found.names) or names.iloc[0]}) has a word "
-            "vector; training needs at least two (check --holdout and the vectors)."
-        )
-    return found
 
 
 def _read_inputs(config: TrainConfig):
@@ -260,7 +306,8 @@ def _read_inputs(config: TrainConfig):
         catalog["class_name"] = catalog["label"]
     catalog = select_rows(catalog, config.max_train_per_class, config.seed)
     vectors = load_text_space(config.vectors)
-    classes = training_classes(catalog, vectors)
+    wording = "name" if config.class_text == "auto" else config.class_text
+    classes = training_classes(catalog, vectors, wording, _class_texts(config))
     return catalog, vectors, classes
 
 
@@ -606,6 +653,65 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
     )
 
 
+def _choose_class_text(config, catalog, vectors, classes, x_train, arrays):
+    """How classes are worded and how much ConSE is blended in (selection.plan): the given
+    settings, or "auto" chosen on pseudo-unseen training classes. Returns the choice and the
+    classes re-encoded in the chosen wording (the same keys, so feature arrays stay valid)."""
+    from devise.evaluate import TrainRecipe, _embed, fit_aux_head
+    from devise.labels import ClassVectors
+    from devise.selection import classifier_labels, plan
+
+    info = backbone_info(config.backbone)
+    spec = HeadSpec(
+        in_dim=info.feature_dim, out_dim=int(classes.matrix.shape[1]), kind=config.head,
+        dropout=config.dropout,
+    )  # fmt: skip
+    recipe = TrainRecipe(
+        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size * config.num_workers,
+        weight_decay=config.weight_decay, loss=config.loss, margin=config.margin,
+    )  # fmt: skip
+
+    def fit_head(x, y, class_matrix, seed):
+        head = fit_aux_head(spec, x, y, class_matrix, recipe.epochs, seed, recipe)
+        return lambda rows: _embed(head, rows)
+
+    labels = classifier_labels(config.backbone, config.weights)
+    targets = None if arrays is None else arrays["train"]["target"]
+    try:
+        choice, chosen = plan(
+            config.class_text, config.conse_weight, training_class_infos(catalog, _class_texts(config)),
+            classes.keys, vectors, labels, x_train, targets, fit_head, config.seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if choice.table:
+        print(
+            f"Class text: {choice.wording}; ConSE weight {choice.conse_weight:.1f} "
+            f"(chosen on pseudo-unseen training classes, H {choice.h:.1f})",
+            flush=True,
+        )
+    matrix = chosen.class_matrix
+    cv = ClassVectors(list(classes.keys), list(classes.names), matrix, list(classes.missing))
+    cv.labels, cv.label_vectors = labels, chosen.label_vectors
+    return choice, cv
+
+
+def _with_conse(spec: HeadSpec, state: dict, classes) -> DeviseHead:
+    """The trained head, with the ConSE branch filled when the backbone has a classifier."""
+    labels = getattr(classes, "labels", None)
+    if labels is not None:
+        spec.conse_classes = len(labels.infos)
+    head = DeviseHead(spec)
+    head.load_state_dict(state, strict=labels is None)
+    if labels is not None:
+        head.set_conse(
+            torch.from_numpy(labels.weight),
+            torch.from_numpy(labels.bias),
+            torch.from_numpy(classes.label_vectors),
+        )
+    return head.eval()
+
+
 def _fit_ray(
     config: TrainConfig, loop_cfg: LoopConfig, arrays: dict, storage: str, name: str, run_dir: Path
 ) -> tuple[dict, str | None]:
@@ -712,6 +818,15 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
                 "lower --num-workers or add images."
             )
         x32 = x_train.astype(np.float32)
+        choice, classes = _choose_class_text(config, catalog, vectors, classes, x32, arrays)
+        spec.class_text, spec.conse_weight = choice.wording, choice.conse_weight
+        resolved["class_text"] = {
+            "wording": choice.wording,
+            "conse_weight": choice.conse_weight,
+            "H": choice.h,
+            "candidates": choice.table,
+            "note": choice.note,
+        }
         source = CachedFeatures(mean=x32.mean(0), std=x32.std(0))
         resolved["features"] = {
             "path": str(fs.path),
@@ -721,6 +836,8 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
         }
         _write_json(run_dir / "config.json", resolved)
     else:
+        choice, classes = _choose_class_text(config, catalog, vectors, classes, None, None)
+        spec.class_text, spec.conse_weight = choice.wording, choice.conse_weight
         source = OnlineImages(
             backbone=config.backbone,
             weights=config.weights,
@@ -762,8 +879,7 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
     state, checkpoint_path = fit(config, loop_cfg, arrays, storage, name, run_dir)
     if int(state["epoch"]) < config.epochs:  # Ray Train was aborted (Ctrl-C or SIGTERM)
         raise TrainStopped(signal.SIGINT, int(state["epoch"]))
-    head = DeviseHead(spec)
-    head.load_state_dict(state["head"])
+    head = _with_conse(spec, state["head"], classes)
     backbone_state = None
     if state.get("backbone") is not None:
         tuned = load_backbone(config.backbone, config.weights)

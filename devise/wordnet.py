@@ -1,0 +1,108 @@
+"""WordNet 3.0 nouns shipped with devise: what a class id means (lemmas, gloss, hypernyms) and
+which classes a group word such as "bird" or "vehicle" covers.
+
+The table (devise/data/wordnet.json.gz, made by scripts/wordnet_table.py) holds the synsets of
+ImageNet-21k's wnids, which include ImageNet-1k's and Tiny ImageNet's, and all their
+hypernyms. A wnid such as n01443537 is a WordNet 3.0 noun offset. Read once, on first use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+TABLE = "data/wordnet.json.gz"
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One noun synset: its wnid, lemmas (most common first), gloss and direct hypernyms."""
+
+    wnid: str
+    lemmas: tuple[str, ...]
+    gloss: str
+    hypernyms: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.lemmas[0]
+
+
+@cache
+def _table() -> dict:
+    raw = resources.files("devise").joinpath(TABLE).read_bytes()
+    return json.loads(gzip.decompress(raw))
+
+
+def is_wnid(key: str) -> bool:
+    """True for a WordNet 3.0 noun id this table knows ("n01443537")."""
+    return key in _table()["synsets"]
+
+
+def synset(wnid: str) -> Synset:
+    """The synset of a wnid (KeyError if the table does not hold it)."""
+    s = _table()["synsets"][wnid]
+    return Synset(wnid, tuple(s["l"]), s["g"], tuple(s["h"]))
+
+
+def imagenet1k() -> list[str]:
+    """ImageNet-1k's 1,000 wnids in the order of an ImageNet classifier's outputs."""
+    return list(_table()["imagenet1k"])
+
+
+@cache
+def ancestors(wnid: str) -> frozenset[str]:
+    """Every hypernym of wnid, over all paths to the root (not wnid itself)."""
+    out: set[str] = set()
+    todo = [wnid]
+    while todo:
+        for h in _table()["synsets"][todo.pop()]["h"]:
+            if h not in out:
+                out.add(h)
+                todo.append(h)
+    return frozenset(out)
+
+
+@cache
+def _by_lemma() -> dict[str, list[str]]:
+    index: dict[str, list[str]] = {}
+    for key, s in _table()["synsets"].items():
+        for lemma in s["l"]:
+            index.setdefault(lemma.lower(), []).append(key)
+    return index
+
+
+def lookup(word: str) -> list[str]:
+    """Wnids whose lemmas include word (case and "_" vs " " ignored), in table order."""
+    return list(_by_lemma().get(" ".join(word.replace("_", " ").lower().split()), []))
+
+
+def noun_for_name(name: str) -> str | None:
+    """The wnid a folder name ("automobile", "ankle_boot") names: its one synset in the table,
+    or of several the one WordNet lists first (the most common sense: "dress" is the garment,
+    "cat" the feline); None when no synset has this lemma."""
+    hits = lookup(name)
+    if len(hits) <= 1:
+        return hits[0] if hits else None
+    key = " ".join(name.replace("_", " ").lower().split())
+    ranked = [w for w in _table()["senses"].get(key, []) if w in hits]
+    return ranked[0] if ranked else None
+
+
+def covers(concept: str, wnid: str) -> bool:
+    """True when class wnid is concept or one of its hyponyms."""
+    return wnid == concept or concept in ancestors(wnid)
+
+
+def concept_for(word: str, classes: list[str], min_classes: int = 2) -> str | None:
+    """The synset a group word names among classes (wnids): of the synsets with this lemma, the
+    one covering the most classes, if it covers at least min_classes; else None."""
+    best, best_n = None, 0
+    for key in lookup(word):
+        n = sum(covers(key, c) for c in classes if is_wnid(c))
+        if n > best_n:
+            best, best_n = key, n
+    return best if best_n >= min_classes else None
