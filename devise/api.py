@@ -214,11 +214,14 @@ class Index:
     def record(self, row: int, rank: int = 0, score: float = 0.0) -> dict:
         """One result record of row `row`."""
         label = self._base.labels[row]
+        name = self._base.class_names[row]
         return {
             "rank": rank,
             "id": row_id(str(self._base.paths[row])),
             "path": str(self._base.paths[row]),
             "label": None if label is None else str(label),
+            # What people call the class ("viaduct"); label keeps its id ("n04532670").
+            "class_name": None if name is None else str(name),
             "score": round(float(score), 6),
         }
 

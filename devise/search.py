@@ -47,6 +47,7 @@ class SearchResult:
             "rank": self.rank,
             "path": self.path,
             "label": self.label,
+            "class_name": self.class_name,
             "score": round(self.score, 6),
         }
 
@@ -397,14 +398,20 @@ def montage(
 
 
 def _print_table(hits: Sequence[SearchResult], file=None) -> None:
-    width = max([5] + [len(str(h.label)) for h in hits])
-    print(f"{'rank':>4}  {'score':>7}  {'label':<{width}}  path", file=file)
-    for h in hits:
-        print(f"{h.rank:>4}  {h.score:>7.4f}  {h.label or '-'!s:<{width}}  {h.path}", file=file)
+    names = [h.class_name or h.label or "-" for h in hits]
+    width = max([5] + [len(str(n)) for n in names])
+    print(f"{'rank':>4}  {'score':>7}  {'class':<{width}}  path", file=file)
+    for h, n in zip(hits, names):
+        print(f"{h.rank:>4}  {h.score:>7.4f}  {n!s:<{width}}  {h.path}", file=file)
 
 
 def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
-    return [SearchResult(query, r["rank"], r["path"], r["label"], r["score"]) for r in records]
+    return [
+        SearchResult(
+            query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name")
+        )
+        for r in records
+    ]
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Blend weights tried for the ConSE branch (0: the trained projection alone).
-CONSE_WEIGHTS = tuple(round(x, 2) for x in np.linspace(0.0, 1.0, 11))
+CONSE_WEIGHTS = tuple(round(float(x), 2) for x in np.linspace(0.0, 1.0, 11))
 # Calibration constants tried when scoring a candidate (coarser than evaluation's grid).
 GAMMAS = np.linspace(-0.3, 0.6, 46)
 
@@ -122,7 +122,7 @@ def choose(
                 h = best_h(emb @ c.class_matrix.T, targets[val], is_pseudo[val], pseudo)
                 scores[(c.wording, w)].append(h)
     table = [
-        {"wording": k[0], "conse_weight": k[1], "H": float(np.mean(v))}
+        {"wording": k[0], "conse_weight": float(k[1]), "H": float(np.mean(v))}
         for k, v in scores.items()
         if v
     ]

@@ -30,7 +30,7 @@ def test_text_search_returns_ranked_records_of_the_right_class(data):
     index = Index.open(data["emb"])
     hits = index.search("dog", k=4)
     assert [h["rank"] for h in hits] == [1, 2, 3, 4]
-    assert set(hits[0]) == {"rank", "id", "path", "label", "score"}
+    assert set(hits[0]) == {"rank", "id", "path", "label", "class_name", "score"}
     assert [h["label"] for h in hits] == ["dog"] * 4
     assert hits[0]["score"] >= hits[-1]["score"]
     both = index.search(["car", "ship"], k=2)

@@ -114,3 +114,34 @@ def test_folder_classes_turn_underscores_into_spaces_and_keep_hyphens(wv):
     )
     np.testing.assert_allclose(cv.matrix[1], unit(vec(wv, "t-shirt")), atol=1e-6)
     np.testing.assert_allclose(cv.matrix[2], unit(vec(wv, "dog")), atol=1e-6)
+
+
+def test_each_wording_puts_a_class_into_words():
+    from devise.labels import class_texts, describe
+
+    (goldfish,) = describe([ClassInfo("n01443537", ["goldfish", "carassius auratus"])])
+    assert class_texts(goldfish, "name") == ["goldfish"]
+    assert class_texts(goldfish, "names") == ["goldfish", "carassius auratus"]
+    assert class_texts(goldfish, "gloss")[0].startswith("goldfish: small golden or orange-red")
+    assert class_texts(goldfish, "names-gloss")[0].startswith("goldfish, carassius auratus: small")
+    (dress,) = describe([ClassInfo("dress", ["dress"])])  # a folder name: WordNet's noun
+    assert class_texts(dress, "gloss") == ["dress: a one-piece garment for a woman; has skirt and bodice"]
+    (odd,) = describe([ClassInfo("qwzx", ["qwzx"])])  # no WordNet noun: its name alone
+    assert class_texts(odd, "gloss") == ["qwzx"]
+    with pytest.raises(ValueError, match="wording"):
+        class_texts(odd, "poem")
+
+
+def test_a_class_text_file_replaces_wordnet_descriptions(tmp_path):
+    from devise.labels import class_texts, describe, read_class_text
+
+    f = tmp_path / "classes.tsv"
+    f.write_text("# class<TAB>description\nn01443537\ta small orange pond fish\n\nsandal\topen shoe\n")
+    texts = read_class_text(f)
+    assert texts == {"n01443537": "a small orange pond fish", "sandal": "open shoe"}
+    fish, sandal = describe([ClassInfo("n01443537", []), ClassInfo("x", ["sandal"])], texts)
+    assert class_texts(fish, "gloss") == ["goldfish: a small orange pond fish"]
+    assert class_texts(sandal, "gloss") == ["sandal: open shoe"]
+    f.write_text("n01443537 no tab here\n")
+    with pytest.raises(ValueError, match="Line 1 of class text file"):
+        read_class_text(f)

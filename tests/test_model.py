@@ -40,6 +40,43 @@ def test_save_load_round_trip_and_model_id(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def _conse_head(weight: float) -> DeviseHead:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    head = DeviseHead(replace(_spec("linear"), conse_classes=4, conse_weight=weight, conse_top=2))
+    labels = torch.nn.functional.normalize(torch.randn(4, 6), dim=1)
+    labels[3] = 0.0  # a label with no vector is never used
+    head.set_conse(torch.randn(4, 12), torch.zeros(4), labels)
+    return head.eval()
+
+
+def test_the_conse_branch_blends_with_the_trained_projection_by_its_weight():
+    x = torch.randn(7, 12)
+    only_devise, only_conse, half = _conse_head(0.0), _conse_head(1.0), _conse_head(0.5)
+    assert torch.allclose(only_devise(x), only_devise.devise(x))
+    assert torch.allclose(only_conse(x), only_conse.conse(x))
+    blend = torch.nn.functional.normalize(half.devise(x) + half.conse(x), dim=1)
+    assert torch.allclose(half(x), blend, atol=1e-6)
+    assert torch.allclose(half(x).norm(dim=1), torch.ones(7), atol=1e-5)
+    # ConSE mixes the vectors of the top-2 labels that have one, by their probabilities
+    probs = torch.softmax(x @ half.cls_weight.T, dim=1)[:, :3]
+    top, idx = probs.topk(2, dim=1)
+    want = torch.nn.functional.normalize((top[..., None] * half.label_vectors[idx]).sum(1), dim=1)
+    assert torch.allclose(half.conse(x), want, atol=1e-5)
+
+
+def test_a_model_with_a_conse_branch_saves_and_loads_it(tmp_path):
+    head = _conse_head(0.7)
+    save_model(tmp_path / "model", head)
+    again = load_model(tmp_path / "model")
+    x = torch.randn(3, 12)
+    assert again.spec.conse_weight == 0.7 and again.spec.conse_classes == 4
+    assert torch.allclose(head(x), again(x))
+    with pytest.raises(ValueError, match="conse_weight"):
+        DeviseHead(HeadSpec(in_dim=2, out_dim=2, conse_classes=2, conse_weight=1.5))
+
+
 def test_load_spec_of_a_non_model_folder_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="devise train"):
         load_spec(tmp_path)

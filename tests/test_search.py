@@ -99,7 +99,7 @@ def test_index_opens_the_current_version(emb_dir, word_vectors):
 def test_search_cli_prints_rank_score_label_path_and_json(emb_dir, capsys):
     assert cli.main(["search", "dog", "--embeddings", str(emb_dir), "-k", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["rank", "score", "label", "path"]
+    assert out[1].split() == ["rank", "score", "class", "path"]
     assert out[2].split()[0] == "1" and out[2].split()[2] == "dog"
     assert out[2].split()[3].endswith("dog_0.png")
 

@@ -22,14 +22,15 @@ function card(hit) {
   el.title = hit.path;
   const img = document.createElement("img");
   img.src = `/api/image/${encodeURIComponent(hit.id)}?size=192`;
-  img.alt = hit.label || hit.path;
+  img.alt = hit.class_name || hit.label || hit.path;
   img.loading = "lazy";
   const meta = document.createElement("figcaption");
   const file = hit.path.split("/").pop();
   meta.innerHTML = `<div class="meta"><span class="rank">#${hit.rank}</span>` +
     `<span class="score">${hit.score.toFixed(3)}</span></div>` +
     `<div class="label"></div><div class="file"></div>`;
-  meta.querySelector(".label").textContent = hit.label || "-";
+  meta.querySelector(".label").textContent = hit.class_name || hit.label || "-";
+  if (hit.class_name && hit.label && hit.label !== hit.class_name) meta.querySelector(".label").title = hit.label;
   meta.querySelector(".file").textContent = file;
   el.append(img, meta);
   el.addEventListener("click", () => navigate({ similar: hit.id, name: file }));
