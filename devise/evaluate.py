@@ -535,7 +535,9 @@ def _concepts(keys: list[str], names: list[str], words) -> dict[str, np.ndarray]
 def _concept_precision(concepts: dict, space, images: np.ndarray, targets: np.ndarray) -> dict:
     """Each group word as a query over the images: P@10 (an image counts when its class is a
     hyponym), per word and their mean, in percent."""
-    words = list(concepts)
+    words = [w for w in concepts if space.has_vector(w)]
+    if not words:
+        return {}
     sims = space.encode(words) @ images.T
     per = {}
     for i, word in enumerate(words):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from devise.text import TextSpace, as_text_space
+from devise.wordnet import WORDINGS
 
 if TYPE_CHECKING:
     from devise.vectors import WordVectors
@@ -19,14 +20,6 @@ if TYPE_CHECKING:
 # How a class with several names (Tiny ImageNet's synonym lists) gets one vector:
 # "mean" averages each name's unit encoding; "joined" encodes the names joined by ", ".
 SYNONYM_STRATEGIES = ("mean", "joined")
-
-# How a class is put into words before it is encoded. `devise train --class-text auto` picks
-# one on pseudo-unseen training classes and records it in the model spec.
-#   name         its display name ("goldfish")
-#   names        the mean of its names' encodings ("goldfish", "carassius auratus")
-#   gloss        "name: description" ("goldfish: small golden or orange-red freshwater fishes...")
-#   names-gloss  "name, name2: description"
-WORDINGS = ("name", "names", "gloss", "names-gloss")
 
 
 @dataclass

@@ -407,9 +407,7 @@ def _print_table(hits: Sequence[SearchResult], file=None) -> None:
 
 def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
     return [
-        SearchResult(
-            query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name")
-        )
+        SearchResult(query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name"))
         for r in records
     ]
 

@@ -16,6 +16,15 @@ from importlib import resources
 
 TABLE = "data/wordnet.json.gz"
 
+# How a class is put into words before it is encoded (labels.class_texts). `devise train
+# --class-text auto` picks one on pseudo-unseen training classes and records it in the model.
+#   name         its display name ("goldfish")
+#   names        the mean of its names' encodings ("goldfish", "carassius auratus")
+#   gloss        "name: description" ("goldfish: small golden or orange-red freshwater fishes...")
+#   names-gloss  "name, name2: description"
+# Descriptions are WordNet's glosses (this table) or the user's --class-text-file.
+WORDINGS = ("name", "names", "gloss", "names-gloss")
+
 
 @dataclass(frozen=True)
 class Synset:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from devise.runtime import LOCAL_HELP, add_ray_args, check_local, given_workers, preflight
+from devise.wordnet import WORDINGS
 
 # Chosen by measurement (docs: DESIGN.md, "What accuracy to expect"): on Fashion-MNIST a linear
 # head matched the MLP on zero-shot and was within a point on seen classes, with fewer weights.
@@ -62,6 +63,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-train-per-class", type=int, default=None, help="cap training images a class"
+    )
+    p.add_argument(
+        "--class-text",
+        default="auto",
+        choices=("auto", *WORDINGS),
+        help="how a class is put into words: its name, all its names, name + description "
+        "(WordNet's gloss, or --class-text-file), or auto: chosen on pseudo-unseen training "
+        "classes (default)",
+    )
+    p.add_argument(
+        "--class-text-file",
+        default=None,
+        help='your own class descriptions: one "class<TAB>description" a line',
+    )
+    p.add_argument(
+        "--conse-weight",
+        default="auto",
+        help="how much of the backbone classifier's ConSE embedding is blended into every image "
+        "vector: 0 (DeViSE alone) to 1 (ConSE alone), or auto: chosen on pseudo-unseen training "
+        "classes (default); needs a backbone with an ImageNet classifier",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
