@@ -48,6 +48,7 @@ class EvalConfig:
     gpus_per_worker: float = 1.0
     decode_cpus: float | None = None
     batch_size: int = 64
+    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
     address: str | None = None
     local: bool = False  # image pass in this process (devise.executors.run_local), no Ray
 
@@ -282,7 +283,7 @@ def evaluate(config: EvalConfig) -> dict:
     check_same_space(spec.vectors_id, vectors, f"Model {config.model}")
     res = Resources(
         config.num_workers, config.cpus_per_worker, config.decode_cpus, config.use_gpu,
-        config.gpus_per_worker, config.batch_size,
+        config.gpus_per_worker, config.batch_size, config.engine,
     )  # fmt: skip
     pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
     fs = extract_features(

@@ -336,7 +336,7 @@ def _open_st_folder(source: str) -> TextSpace:
 
     folder = Path(source).expanduser().resolve()
     weights = _weights_file(folder)
-    return SentenceEncoderSpace(folder, f"{folder.name}@{_cached_sha256(weights, sha256_file)[:8]}")
+    return SentenceEncoderSpace(folder, f"{folder.name}@{cached_sha256(weights, sha256_file)[:8]}")
 
 
 def _is_table(path: Path) -> bool:
@@ -347,7 +347,7 @@ def _open_table(source: str) -> TextSpace:
     return WordTableSpace(load_vectors(source))
 
 
-def _cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
+def cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
     """sha256 of a file, remembered in the encoding cache's folder by path, size and mtime."""
     st = path.stat()
     memo = devise_home() / "text" / "sha256.json"
@@ -457,6 +457,7 @@ __all__ = [
     "UnknownWordError",
     "WordTableSpace",
     "as_text_space",
+    "cached_sha256",
     "check_same_space",
     "describe_spaces",
     "load_text_space",
