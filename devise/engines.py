@@ -371,11 +371,17 @@ class OnnxSentenceEncoder:
     """A sentence-transformers folder on onnxruntime + tokenizers: texts -> (N, D) float32 unit
     vectors equal to sentence-transformers' own (cosine 0.9999 or better).
 
-    weights_sha256: the verified sha256 of the folder's weights, which keys the cached graph.
+    weights_sha256: the sha256 of the folder's weights, which keys the cached graph. verify: called
+    with the folder before the weights are exported (a pinned sha256 check); a cached graph is
+    checked against its own recorded sha256 instead.
     """
 
     def __init__(
-        self, folder: str | os.PathLike, weights_sha256: str, threads: int | None = None
+        self,
+        folder: str | os.PathLike,
+        weights_sha256: str,
+        threads: int | None = None,
+        verify: Callable[[Path], object] | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -387,14 +393,16 @@ class OnnxSentenceEncoder:
         pad_id, pad_token = 0, "[PAD]"
         try:
             cfg = _read_json(self.folder / "tokenizer_config.json")
-            pad_token = cfg.get("pad_token", pad_token)
-            pad_id = tok.token_to_id(pad_token) or 0
+            if isinstance(cfg.get("pad_token"), str):
+                pad_token = cfg["pad_token"]
+                pad_id = tok.token_to_id(pad_token) or 0
         except (OSError, ValueError):
             pass
         tok.no_padding()
         tok.enable_truncation(self.max_length)
         tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
         self.tokenizer = tok
+        self._verify = verify
         self.key = {
             "tower": "text",
             "weights_sha256": weights_sha256,
@@ -410,6 +418,8 @@ class OnnxSentenceEncoder:
         return cached_graph(f"text-{self.folder.name}", self.key, self._export)
 
     def _export(self, path: Path) -> None:
+        if self._verify is not None:
+            self._verify(self.folder)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch

@@ -150,3 +150,104 @@ def test_feature_stage_runs_on_onnx_by_default_and_says_so(home, image_tree, cap
     a = np.asarray(onnx_fs.features, np.float32)[order]
     b = np.asarray(torch_fs.features, np.float32)[back]
     assert len(a) == len(catalog) and _cosines(a, b).min() >= 0.9999
+
+
+# -- the text tower -----------------------------------------------------------------------------
+
+TEXTS = [
+    "",
+    "shoe",
+    "striped summer dress",
+    "ankle boot",
+    "t-shirt",
+    "a photo of a dog",
+    "Ünïcödé naïve café — résumé",
+    "running shoes for the winter, waterproof!!!",
+    "12345 67 8",
+    "steel arch bridge, bridge",
+    " ".join(["word"] * 400),  # truncated at the encoder's 256 tokens, as sentence-transformers
+    "the quick brown fox jumps over the lazy dog " * 45,
+] + [f"{a} {b}" for a in ("red", "old", "tiny", "wooden") for b in (
+    "car", "ship", "cat", "bag", "sandal", "coat", "pullover", "bird", "bridge", "goldfish")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text_home(tmp_path_factory):
+    """A devise home whose MiniLM graph is exported (once for the module)."""
+    from devise import assets
+    from devise.engines import OnnxSentenceEncoder
+
+    home = tmp_path_factory.mktemp("text-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEVISE_HOME", str(home))
+        OnnxSentenceEncoder(
+            assets.minilm_folder(), assets.ENCODER_SHA256, verify=assets.verify_minilm
+        )
+        yield home
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_minilm_on_onnxruntime_matches_sentence_transformers_on_52_texts(text_home, monkeypatch):
+    """Empty, 400-token, unicode and ordinary texts: cosine >= 0.9999 to sentence-transformers,
+    in one batch and one at a time; the space id is the one stores and caches were keyed by."""
+    from devise.text import EncodingCache, SentenceEncoderSpace, load_text_space
+
+    monkeypatch.setenv("DEVISE_HOME", str(text_home))
+    assert len(TEXTS) >= 50
+    space = load_text_space("minilm")
+    assert space.engine == "onnx" and space.id == "all-MiniLM-L6-v2@53aa5117"
+    got = space.encode_uncached(TEXTS)
+    alone = np.concatenate([space.encode_uncached([t]) for t in TEXTS[:12]])
+    st = SentenceEncoderSpace(space.folder, space.id, cache=EncodingCache(None), engine="torch")
+    want = st.encode_uncached(TEXTS)
+    assert got.shape == want.shape == (len(TEXTS), 384)
+    assert _cosines(got, want).min() >= 0.9999
+    assert _cosines(alone, want[:12]).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_index_open_and_a_new_phrase_import_neither_torch_nor_transformers(text_home, tmp_path):
+    """A fresh interpreter opens a MiniLM index and answers a phrase it never encoded before,
+    on onnxruntime + tokenizers only; the answer is the semantically nearest row."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from devise import assets
+    from devise.engines import OnnxSentenceEncoder
+    from devise.store import Store
+
+    words = ["dog", "car", "ship", "sandal", "coat", "goldfish", "bridge", "bag"]
+    enc = OnnxSentenceEncoder(assets.minilm_folder(), assets.ENCODER_SHA256)
+    emb = tmp_path / "emb"
+    Store.open(emb, create=True).write_version(
+        pd.DataFrame({"path": [f"/img/{w}.png" for w in words], "label": words}),
+        enc.encode(words),
+        model_id="m" * 16,
+        vectors="minilm",
+        vectors_id="all-MiniLM-L6-v2@53aa5117",
+    )
+    code = (
+        "import sys, json\n"
+        "from devise import Index\n"
+        f"index = Index.open({str(emb)!r})\n"
+        "hits = index.search('a small puppy playing fetch', k=2)\n"
+        "print(json.dumps([hits[0]['label'],"
+        " [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]]))\n"
+    )
+    env = {**os.environ, "DEVISE_HOME": str(text_home)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["dog", []]
