@@ -228,11 +228,15 @@ class Index:
 
     def record(self, row: int, rank: int = 0, score: float = 0.0) -> dict:
         """One result record of row `row`."""
-        label = self._base.labels[row]
+        return self._record(self._base.rows_info([row])[row], rank, score)
+
+    @staticmethod
+    def _record(info: tuple, rank: int, score: float) -> dict:
+        path, label, _ = info
         return {
             "rank": rank,
-            "id": row_id(str(self._base.paths[row])),
-            "path": str(self._base.paths[row]),
+            "id": row_id(str(path)),
+            "path": str(path),
             "label": None if label is None else str(label),
             "score": round(float(score), 6),
         }
@@ -283,11 +287,14 @@ class Index:
         k = check_k(k)
         extra = 1 if exclude is not None and any(e is not None for e in exclude) else 0
         scores, idx = self._base.search(vectors, k + extra)
+        info = self._base.rows_info(idx.ravel().tolist())
         out = []
         for q, (row_scores, rows) in enumerate(zip(scores, idx)):
             skip = exclude[q] if exclude is not None else None
             hits = [(int(r), float(s)) for s, r in zip(row_scores, rows) if r != skip][:k]
-            out.append([self.record(r, rank, s) for rank, (r, s) in enumerate(hits, start=1)])
+            out.append(
+                [self._record(info[r], rank, s) for rank, (r, s) in enumerate(hits, start=1)]
+            )
         return out
 
     def search(self, query: str | Sequence[str], k: int = 10) -> list[dict] | list[list[dict]]:

@@ -161,7 +161,8 @@ def run_local(
         return
     engine = choose_engine(config.engine, config.use_gpu)
     workers, threads = local_plan(config, engine=engine.name)
-    print(engine.line(), flush=True)
+    # stderr: stdout carries results (`devise search --json` after an in-process embed).
+    print(engine.line(), file=sys.stderr, flush=True)
     log.info("local executor: %d decode worker(s), model on %d thread(s).", workers, threads)
     cols = {c: table[c].to_numpy() for c in table.columns}
     starts = range(0, len(table), config.batch_size)
@@ -211,7 +212,7 @@ def run_ray(
 
     if len(table) == 0:
         return
-    print(choose_engine(config.engine, config.use_gpu).line(), flush=True)
+    print(choose_engine(config.engine, config.use_gpu).line(), file=sys.stderr, flush=True)
     init_ray(address)
     res = resolve_resources(
         Resources(

@@ -139,12 +139,12 @@ def test_feature_stage_runs_on_onnx_by_default_and_says_so(home, image_tree, cap
 
     catalog = build_catalog(image_tree, test_fraction=0.0)
     onnx_fs = extract_features(catalog, "tiny", cache_dir=home / "a", local=True)
-    out = capsys.readouterr().out
-    assert out.count("engine: onnx") == 1
+    err = capsys.readouterr().err
+    assert err.count("engine: onnx") == 1
     torch_fs = extract_features(
         catalog, "tiny", cache_dir=home / "b", local=True, pipeline=PipelineConfig(engine="torch")
     )
-    assert "engine: torch (--engine torch)" in capsys.readouterr().out
+    assert "engine: torch (--engine torch)" in capsys.readouterr().err
     order = np.argsort(onnx_fs.paths)
     back = np.argsort(torch_fs.paths)
     a = np.asarray(onnx_fs.features, np.float32)[order]
