@@ -209,9 +209,8 @@ class EmbeddingIndex:
             return {r: (self.paths[r], self.labels[r], self.class_names[r]) for r in rows}
         from devise.store import read_rows
 
-        table = read_rows(self.emb_dir, self.manifest, rows, ["path", "label", "class_name"])
-        cols = [table.column(c).to_pylist() for c in ("path", "label", "class_name")]
-        return {r: (p, lab, c) for r, p, lab, c in zip(rows, *cols)}
+        cols = read_rows(self.emb_dir, self.manifest, rows, ["path", "label", "class_name"])
+        return {r: t for r, t in zip(rows, zip(cols["path"], cols["label"], cols["class_name"]))}
 
     def __len__(self) -> int:
         if self._matrix is None:

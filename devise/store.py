@@ -1069,9 +1069,9 @@ def read_version(
 
 def read_rows(
     emb_dir: str | os.PathLike, manifest: dict, rows: Sequence[int], columns: Sequence[str]
-) -> pa.Table:
-    """The given rows (positions in the version, its parts in manifest order; sorted, unique)
-    of a version's columns, reading only those columns of only the parts that hold the rows.
+) -> dict[str, list]:
+    """{column: values} of the given rows (positions in the version, its parts in manifest
+    order; sorted, unique), reading only those columns of only the parts that hold the rows.
 
     The parts' sizes and row counts were checked when the manifest was read (Store.manifest);
     their CRC-32 covers whole files, so it is not read here: a search with an index answers
@@ -1082,21 +1082,21 @@ def read_rows(
     if len(rows) and (rows[0] < 0 or rows[-1] >= bounds[-1]):
         raise EmbedError(f"Rows {rows[0]}..{rows[-1]} lie outside {folder} ({bounds[-1]} rows).")
     which = np.searchsorted(bounds, rows, side="right") - 1
-    tables = []
+    out: dict[str, list] = {c: [] for c in columns}
     for part in np.unique(which):
-        local = rows[which == part] - bounds[part]
+        local = (rows[which == part] - bounds[part]).tolist()
         path = folder / manifest["parts"][part]["file"]
         try:
-            t = pq.ParquetFile(path).read(columns=list(columns))
+            table = pq.ParquetFile(path).read(columns=list(columns))
         except (pa.ArrowException, OSError) as e:
             raise EmbedError(
                 f"{path} is not a readable parquet file ({e}); run `devise embed --repair`."
             ) from None
-        tables.append(t.take(pa.array(local)))
-    if not tables:
-        schema = embedding_schema(int(manifest["dim"]))
-        return pa.schema([schema.field(c) for c in columns]).empty_table()
-    return pa.concat_tables(tables)
+        for c in columns:
+            # to_pylist, not Table.take: take imports pandas (a second of a cold search).
+            values = table.column(c).to_pylist()
+            out[c] += [values[i] for i in local]
+    return out
 
 
 def read_errors(emb_dir: str | os.PathLike, version: str | None = None) -> pd.DataFrame:

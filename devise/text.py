@@ -21,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_SPACE = "minilm"
 _ENCODE_BATCH = 64
+# What encodes a sentence-transformers folder: auto (onnxruntime when the folder allows it),
+# onnx or torch (sentence-transformers); read when a space is opened, like DEVISE_HOME.
+TEXT_ENGINE_ENV = "DEVISE_TEXT_ENGINE"
+
+
+def _text_engine() -> str:
+    return os.environ.get(TEXT_ENGINE_ENV) or "auto"
 
 
 class TextSpaceError(VectorFileError):
@@ -178,7 +185,9 @@ class SentenceEncoderSpace(TextSpace):
         self._onnx = None
         self.weights_sha256 = weights_sha256
         if engine not in ("auto", "onnx", "torch"):
-            raise TextSpaceError(f"engine must be auto, onnx or torch, not {engine!r}.")
+            raise TextSpaceError(
+                f"The text engine must be auto, onnx or torch, not {engine!r} (${TEXT_ENGINE_ENV})."
+            )
         can_onnx = (
             weights_sha256 is not None
             and device == "cpu"
@@ -365,6 +374,7 @@ def _open_minilm(_: str) -> TextSpace:
         f"{assets.ENCODER_NAME}@{assets.ENCODER_SHA256[:8]}",
         verify=assets.verify_minilm,
         weights_sha256=assets.ENCODER_SHA256,  # the graph is exported only after verify passes
+        engine=_text_engine(),
     )
 
 
@@ -384,7 +394,9 @@ def _open_st_folder(source: str) -> TextSpace:
     folder = Path(source).expanduser().resolve()
     weights = _weights_file(folder)
     digest = cached_sha256(weights, sha256_file)
-    return SentenceEncoderSpace(folder, f"{folder.name}@{digest[:8]}", weights_sha256=digest)
+    return SentenceEncoderSpace(
+        folder, f"{folder.name}@{digest[:8]}", weights_sha256=digest, engine=_text_engine()
+    )
 
 
 def _is_table(path: Path) -> bool:
