@@ -246,6 +246,7 @@ def run(
     work: Path, images: int = 1000, sizes=(64, 224), rows: tuple[int, ...] = (100_000,)
 ) -> dict:
     """Every measurement above; returns the numbers (seconds, milliseconds)."""
+    work.mkdir(parents=True, exist_ok=True)
     out: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count()}
     t0 = time.perf_counter()
     print("== cold phrase", flush=True)

@@ -240,7 +240,9 @@ class OnnxBackbone:
         weights: str | os.PathLike | None = None,
         image_size: int | None = None,
         threads: int | None = None,
+        images: bool = True,
     ) -> None:
+        """images=False: only `classify` will be used, so no image graph is made now."""
         from devise.backbones import backbone_info
 
         self.info = backbone_info(backbone)
@@ -252,7 +254,8 @@ class OnnxBackbone:
         self._classifier = None
         self._lock = threading.Lock()
         self.image_size = int(image_size or self.info.image_size)
-        self._image_session(self.image_size)  # export or check now, not on the first batch
+        if images:
+            self._image_session(self.image_size)  # export or check now, not on the first batch
 
     @property
     def feature_dim(self) -> int:

@@ -335,16 +335,25 @@ def evaluate(config: EvalConfig) -> dict:
     conse_note = ""
     try:
         from devise.backbones import imagenet_categories, load_backbone
+        from devise.engines import OnnxBackbone, choose_engine
 
-        backbone = load_backbone(spec.backbone, spec.backbone_weights)
+        if choose_engine(config.engine, config.use_gpu).name == "onnx":
+            backbone = OnnxBackbone(spec.backbone, spec.backbone_weights, images=False)
+            classify = backbone.classify
+        else:
+            backbone = load_backbone(spec.backbone, spec.backbone_weights)
+
+            def classify(x: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return backbone.classify(torch.from_numpy(x)).numpy()
+
         cats = imagenet_categories()
         known = np.array([vectors.has_vector(c) for c in cats])
         label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
         label_vectors[known] = vectors.encode([c for c, k in zip(cats, known) if k])
 
         def conse(x):
-            with torch.no_grad():
-                logits = backbone.classify(torch.from_numpy(x.astype(np.float32))).numpy()
+            logits = classify(np.ascontiguousarray(x, dtype=np.float32))
             return conse_embeddings(logits, label_vectors, known, config.conse_top)
 
         reps["ConSE"] = {"test": conse(test.features), "unseen": conse(unseen.features)}
