@@ -5,8 +5,10 @@ records {rank, id, path, label, score}. `devise search` and `devise serve` both 
     index = Index.open("runs/demo/embeddings")
     index.search("running shoes", k=10)
 
-Opening an index reads parquet and numpy only; torch is imported when the first image query needs
-the model, and the word vectors are loaded when the first text query needs them.
+Opening an index reads parquet and numpy only (with an approximate index, only the manifest and
+the index: a query then reads the rows it returns); torch is imported when the first image query
+needs the model, and the text space is loaded when the first text query needs it (a sentence
+encoder runs on onnxruntime + tokenizers, without torch).
 """
 
 from __future__ import annotations
