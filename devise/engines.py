@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.errors import DeviseError
+from devise.fsutil import normal_mode
 from devise.home import devise_home
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ def cached_graph(name: str, key: dict, export: Callable[[Path], None]) -> Path:
             export(tmp / GRAPH_FILE)
             meta = {"key": key, "sha256": _sha256(tmp / GRAPH_FILE), "name": name}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            normal_mode(tmp)  # mkdtemp's 0700 would hide the graph from other users of the home
+            if _intact(final, key):  # another process exported it meanwhile
+                return final / GRAPH_FILE
             if final.exists():  # damaged or half-removed: move it aside, then drop it
                 log.warning("ONNX graph %s is damaged; exporting it again.", final)
                 aside = final.with_name(f".{final.name}.damaged.{os.getpid()}")
