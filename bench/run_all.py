@@ -25,6 +25,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import cli_start
 import embed_search
+import engines_bench
 import index_bench
 import serve_bench
 import text_encode
@@ -286,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         default="",
         help="comma list of: cli,vectors,end_to_end,ray,embedding (both),training,search,"
-        "serve,text,index",
+        "serve,text,index,engines",
+    )
+    p.add_argument(
+        "--engines-images",
+        type=int,
+        default=1000,
+        help="images embedded at 64 and 224 px by each engine (bench/engines_bench.py)",
     )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--keep", action="store_true", help="keep the generated files in the temp dir")
@@ -295,10 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         args.vec_rows, args.per_class, args.search_rows = 100_000, 30, "100000"
         args.index_rows = "100000"
         args.e2e = "3:64,30:64,3:224"
+        args.engines_images = 100
     skip = set(filter(None, args.skip.split(",")))
     work = Path(tempfile.mkdtemp(prefix="devise-bench-"))
     results: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "args": vars(args)}
     t_all = time.perf_counter()
+    if "engines" not in skip:
+        print("== onnxruntime against torch, both towers (bench/engines_bench.py)", flush=True)
+        rows = tuple(int(n) for n in args.search_rows.split(","))
+        results["engines"] = engines_bench.run(work / "engines", args.engines_images, rows=rows)
+        print(engines_bench.table(results["engines"]), flush=True)
+        _save(results, args.out)
     if "cli" not in skip:
         print("== CLI start-up (--help)", flush=True)
         results["cli_start"] = cli_start.run(runs=3)
@@ -357,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + serve_bench.table(results["serve"]))
     if results.get("text"):
         print("\n" + text_encode.table(results["text"]))
+    if results.get("engines"):
+        print("\n" + engines_bench.table(results["engines"]))
     print(f"\n{results['seconds']:.0f} s in all; numbers in {path}")
     return 0
 

@@ -5,14 +5,17 @@ records {rank, id, path, label, score}. `devise search` and `devise serve` both 
     index = Index.open("runs/demo/embeddings")
     index.search("running shoes", k=10)
 
-Opening an index reads parquet and numpy only; torch is imported when the first image query needs
-the model, and the word vectors are loaded when the first text query needs them.
+Opening an index reads parquet and numpy only (with an approximate index, only the manifest and
+the index: a query then reads the rows it returns); torch is imported when the first image query
+needs the model, and the text space is loaded when the first text query needs it (a sentence
+encoder runs on onnxruntime + tokenizers, without torch).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,8 @@ MAX_K = 1000
 # Queries longer than this are refused (no class name or phrase is this long).
 MAX_QUERY_CHARS = 1000
 ImageInput = str | os.PathLike | bytes | Any  # a path, encoded bytes or a PIL image
+
+log = logging.getLogger(__name__)
 
 
 def row_id(path: str) -> str:
@@ -45,7 +50,7 @@ class _ImageEncoder:
     """Images -> (N, D) unit embeddings with the model that embedded the index, in this process
     (the same decode, transform, backbone and head as the embedding job)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, engine: str = "auto") -> None:
         from devise.backbones import backbone_info, prepare_transform
         from devise.model import load_spec
         from devise.pipeline import ModelActor
@@ -54,7 +59,14 @@ class _ImageEncoder:
         self.model_dir = model_dir
         self.class_names = list(spec.class_names)
         self.transform = prepare_transform(backbone_info(spec.backbone), spec.image_size)
-        self.actor = ModelActor(spec.backbone, spec.backbone_weights, str(model_dir))
+        self.actor = ModelActor(
+            spec.backbone,
+            spec.backbone_weights,
+            str(model_dir),
+            engine=engine,
+            image_size=spec.image_size or backbone_info(spec.backbone).image_size,
+        )
+        log.info("image queries: backbone on %s", self.actor.engine)
 
     def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:
         from devise.images import ImageDecodeError, decode_image
@@ -96,9 +108,11 @@ class Index:
         model: str | os.PathLike | None = None,
         pinned: bool = False,
         exact: bool = False,
+        engine: str = "auto",
     ) -> None:
         self._base = base
         self._exact = exact
+        self._engine = engine
         self._vectors_source = vectors
         self._model_source = model
         self._pinned = pinned
@@ -119,13 +133,15 @@ class Index:
         vectors: str | os.PathLike | None = None,
         model: str | os.PathLike | None = None,
         exact: bool = False,
+        engine: str = "auto",
     ) -> Index:
         """The version CURRENT names (or `version`). vectors / model override the word vectors
         and model folder named in the version's manifest. Searches go through the version's
         approximate index (`devise index`) when it has one, unless `exact`: then, and without
-        an index, every row is scored."""
+        an index, every row is scored. engine: what runs the image backbone of image queries
+        (auto: onnxruntime on the CPU, torch on a GPU; see devise.engines.choose_engine)."""
         base = EmbeddingIndex.open(emb_dir, version, exact=exact)
-        return cls(base, vectors, model, pinned=bool(version), exact=exact)
+        return cls(base, vectors, model, pinned=bool(version), exact=exact, engine=engine)
 
     def reopen(self) -> Index:
         """The index of the version CURRENT names now: self when it has not moved (or this index
@@ -139,6 +155,7 @@ class Index:
             self._model_source,
             False,
             self._exact,
+            self._engine,
         )
         same_vectors = new._base.manifest.get("vectors_id") == self._base.manifest.get(
             "vectors_id"
@@ -213,12 +230,15 @@ class Index:
 
     def record(self, row: int, rank: int = 0, score: float = 0.0) -> dict:
         """One result record of row `row`."""
-        label = self._base.labels[row]
-        name = self._base.class_names[row]
+        return self._record(self._base.rows_info([row])[row], rank, score)
+
+    @staticmethod
+    def _record(info: tuple, rank: int, score: float) -> dict:
+        path, label, name = info
         return {
             "rank": rank,
-            "id": row_id(str(self._base.paths[row])),
-            "path": str(self._base.paths[row]),
+            "id": row_id(str(path)),
+            "path": str(path),
             "label": None if label is None else str(label),
             # What people call the class ("viaduct"); label keeps its id ("n04532670").
             "class_name": None if name is None else str(name),
@@ -256,7 +276,9 @@ class Index:
 
         ImageDecodeError (one sentence) for anything that is not a readable image."""
         if self._image_encoder is None:
-            self._image_encoder = _ImageEncoder(resolve_model(self._base, self._model_source))
+            self._image_encoder = _ImageEncoder(
+                resolve_model(self._base, self._model_source), self._engine
+            )
         return self._image_encoder(list(images))
 
     # -- searching -----------------------------------------------------------------------------
@@ -269,11 +291,14 @@ class Index:
         k = check_k(k)
         extra = 1 if exclude is not None and any(e is not None for e in exclude) else 0
         scores, idx = self._base.search(vectors, k + extra)
+        info = self._base.rows_info(idx.ravel().tolist())
         out = []
         for q, (row_scores, rows) in enumerate(zip(scores, idx)):
             skip = exclude[q] if exclude is not None else None
             hits = [(int(r), float(s)) for s, r in zip(row_scores, rows) if r != skip][:k]
-            out.append([self.record(r, rank, s) for rank, (r, s) in enumerate(hits, start=1)])
+            out.append(
+                [self._record(info[r], rank, s) for rank, (r, s) in enumerate(hits, start=1)]
+            )
         return out
 
     def search(self, query: str | Sequence[str], k: int = 10) -> list[dict] | list[list[dict]]:

@@ -331,6 +331,38 @@ def ensure_encoder() -> Asset:
     )
 
 
+def ensure_graphs(text: bool = True, image: bool = True) -> list[Asset]:
+    """Export (or check) the onnxruntime graphs of the default encoder and backbone (at its own
+    image size), so the first query and the first embedding need no export; devise.engines
+    exports them on first use otherwise."""
+    from devise.engines import OnnxBackbone, OnnxSentenceEncoder, onnxruntime_available
+
+    if not onnxruntime_available():
+        return []
+    out = []
+    if text:
+        enc = OnnxSentenceEncoder(minilm_folder(), ENCODER_SHA256, verify=verify_minilm)
+        out.append(
+            Asset(
+                "encoder-onnx",
+                enc.graph(),
+                f"exported from the verified {ENCODER_NAME} weights (torch.onnx)",
+                "Apache-2.0 (model)",
+            )
+        )
+    if image:
+        backbone = OnnxBackbone("efficientnet_lite0")
+        out.append(
+            Asset(
+                "weights-onnx",
+                backbone.graph(backbone.image_size),
+                f"exported from {WEIGHTS_FILE} (torch.onnx, {backbone.image_size} px)",
+                "Apache-2.0",
+            )
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. images (Debian)
 
@@ -543,15 +575,15 @@ def run_cli(args: argparse.Namespace) -> int:
     """`devise assets` (flags: devise/commands/assets.py)."""
     try:
         if args.only == "weights":
-            assets = [ensure_weights()]
+            assets = [ensure_weights(), *ensure_graphs(text=False)]
         elif args.only == "vectors":
             assets = [ensure_vectors()]
         elif args.only == "encoder":
-            assets = [ensure_encoder()]
+            assets = [ensure_encoder(), *ensure_graphs(image=False)]
         elif args.only == "images":
             assets = ensure_images(args.per_class)
         else:
-            assets = ensure_all(args.per_class)
+            assets = [*ensure_all(args.per_class), *ensure_graphs()]
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

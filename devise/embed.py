@@ -113,6 +113,7 @@ class EmbedConfig:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     torch_threads: int | None = None
+    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
     executor: str = "auto"  # auto, ray or local (devise.executors.choose_executor)
     local: bool = False  # the same as executor="local"
     address: str | None = None  # Ray cluster for the ray executor (default: RAY_ADDRESS)
@@ -149,6 +150,7 @@ PIPELINE_FIELDS = (
     "use_gpu",
     "gpus_per_worker",
     "torch_threads",
+    "engine",
 )
 Runner = Callable[[pd.DataFrame, object], Iterator[dict[str, np.ndarray]]]
 

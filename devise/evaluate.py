@@ -52,6 +52,7 @@ class EvalConfig:
     gpus_per_worker: float = 1.0
     decode_cpus: float | None = None
     batch_size: int = 64
+    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
     address: str | None = None
     local: bool = False  # image pass in this process (devise.executors.run_local), no Ray
 
@@ -303,7 +304,7 @@ def evaluate(config: EvalConfig) -> dict:
     check_same_space(spec.vectors_id, vectors, f"Model {config.model}")
     res = Resources(
         config.num_workers, config.cpus_per_worker, config.decode_cpus, config.use_gpu,
-        config.gpus_per_worker, config.batch_size,
+        config.gpus_per_worker, config.batch_size, config.engine,
     )  # fmt: skip
     pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
     fs = extract_features(
@@ -488,16 +489,25 @@ def _conse_from_backbone(spec, vectors, config, test, unseen, train) -> tuple[di
     class names in the text space."""
     try:
         from devise.backbones import imagenet_categories, load_backbone
+        from devise.engines import OnnxBackbone, choose_engine
 
-        backbone = load_backbone(spec.backbone, spec.backbone_weights)
+        if choose_engine(config.engine, config.use_gpu).name == "onnx":
+            backbone = OnnxBackbone(spec.backbone, spec.backbone_weights, images=False)
+            classify = backbone.classify
+        else:
+            backbone = load_backbone(spec.backbone, spec.backbone_weights)
+
+            def classify(x: np.ndarray) -> np.ndarray:
+                with torch.no_grad():
+                    return backbone.classify(torch.from_numpy(x)).numpy()
+
         cats = imagenet_categories()
         known = np.array([vectors.has_vector(c) for c in cats])
         label_vectors = np.zeros((len(cats), vectors.dim), np.float32)
         label_vectors[known] = vectors.encode([c for c, k in zip(cats, known) if k])
 
         def conse(x):
-            with torch.no_grad():
-                logits = backbone.classify(torch.from_numpy(x.astype(np.float32))).numpy()
+            logits = classify(np.ascontiguousarray(x, dtype=np.float32))
             return conse_embeddings(logits, label_vectors, known, config.conse_top)
 
         rep = {"test": conse(test.features), "unseen": conse(unseen.features)}

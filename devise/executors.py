@@ -115,18 +115,24 @@ def idle_cores(cpus: int, load: float | None = None) -> int:
 
 
 def local_plan(
-    config: PipelineConfig, cpus: int | None = None, load: float | None = None
+    config: PipelineConfig,
+    cpus: int | None = None,
+    load: float | None = None,
+    engine: str = "torch",
 ) -> tuple[int, int]:
     """(decode worker processes, model threads) for the local executor on `cpus` cores.
 
     Decoding is a small share of the work next to the backbone (about a sixth at 64 px, far less
-    at 224 px), so one decode worker per four cores keeps the model fed; the model gets every
-    idle core (`idle_cores`), since decode workers sleep between batches.
+    at 224 px), so one decode worker per four cores keeps the model fed. Torch gets every idle
+    core (`idle_cores`), since decode workers sleep between batches; onnxruntime gets every core
+    (its idle threads sleep rather than spin, so a busy core slows it far less than it slows
+    torch's thread pool, and a core left idle while the model is the bottleneck is lost).
     """
     cpus = cpus or available_cpus()
     workers = config.decode_workers or max(1, cpus // 4)
-    threads = config.torch_threads or idle_cores(cpus, load)
-    return workers, threads
+    if config.torch_threads:
+        return workers, config.torch_threads
+    return workers, cpus if engine == "onnx" else idle_cores(cpus, load)
 
 
 def _decode_job(
@@ -149,9 +155,14 @@ def run_local(
     """The pipeline in this process, without Ray: decode in worker processes a few batches
     ahead, the model here on all cores. Batches come back in table order; same columns as
     `run_images`."""
+    from devise.engines import choose_engine
+
     if len(table) == 0:
         return
-    workers, threads = local_plan(config)
+    engine = choose_engine(config.engine, config.use_gpu)
+    workers, threads = local_plan(config, engine=engine.name)
+    # stderr: stdout carries results (`devise search --json` after an in-process embed).
+    print(engine.line(), file=sys.stderr, flush=True)
     log.info("local executor: %d decode worker(s), model on %d thread(s).", workers, threads)
     cols = {c: table[c].to_numpy() for c in table.columns}
     starts = range(0, len(table), config.batch_size)
@@ -175,6 +186,8 @@ def run_local(
             config.head_dir,
             device="cuda" if config.use_gpu else "cpu",
             torch_threads=threads,
+            engine=engine.name,
+            image_size=config.image_size,
         )
         try:
             while pending:
@@ -194,10 +207,12 @@ def run_ray(
     small cluster."""
     from dataclasses import replace
 
+    from devise.engines import choose_engine
     from devise.runtime import Resources, init_ray, resolve_resources
 
     if len(table) == 0:
         return
+    print(choose_engine(config.engine, config.use_gpu).line(), file=sys.stderr, flush=True)
     init_ray(address)
     res = resolve_resources(
         Resources(

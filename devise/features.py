@@ -2,7 +2,10 @@
 the local executor) -> float16 cache on disk.
 
 A cache entry is keyed by everything that changes the numbers: backbone name, weights file
-identity, image size, augmentation settings and every catalog row's (path, size, mtime). A later
+identity, image size, augmentation settings and every catalog row's (path, size, mtime). The
+engine that ran the backbone (torch or onnxruntime, devise.engines) is not in the key on purpose:
+both give the same features to cosine 0.9999 (tests/test_engines.py), far below what training
+or search can tell apart, so an entry written by either serves both. A later
 run with the same settings reads the entry instead of running the backbone again. Broken images
 are kept in the entry's errors table (and counted in a warning), never dropped silently.
 """

@@ -32,6 +32,7 @@ class Resources:
     num_workers: Ray workers of the stage's main work (Train workers, model actors).
     cpus_per_worker / gpus_per_worker: what each worker asks Ray for (GPUs only with use_gpu).
     decode_cpus: CPUs per image-decode task. batch_size: images per model batch.
+    engine: what runs the image backbone (auto, torch, onnx; devise.engines.choose_engine).
     """
 
     num_workers: int = 2
@@ -40,6 +41,7 @@ class Resources:
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     batch_size: int = 64
+    engine: str = "auto"
 
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments (PipelineConfig takes the same names)."""
@@ -84,6 +86,7 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
         use_gpu=args.use_gpu,
         gpus_per_worker=args.gpus_per_worker,
         batch_size=getattr(args, "batch_size", Resources.batch_size),
+        engine=getattr(args, "engine", Resources.engine),
     )
 
 
@@ -152,6 +155,13 @@ def add_ray_args(
         help="CPUs each worker asks Ray for (default: 1, or a fair share on a small machine)",
     )
     g.add_argument("--use-gpu", action="store_true", help="GPUs for the workers")
+    g.add_argument(
+        "--engine",
+        choices=("auto", "torch", "onnx"),
+        default="auto",
+        help="what runs the image backbone: onnx (onnxruntime, CPU only), torch, or auto "
+        "(default: torch with --use-gpu, else onnx); the choice is printed",
+    )
     g.add_argument(
         "--gpus-per-worker", type=float, default=1.0, help="GPUs each worker asks for (--use-gpu)"
     )

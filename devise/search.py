@@ -91,28 +91,33 @@ def top_k(
 
 
 class EmbeddingIndex:
-    """One committed version of an embeddings folder in memory, ready for exact search.
+    """One committed version of an embeddings folder, ready for search.
 
     paths, labels, class_names: (N,) object arrays; matrix: (N, D) float32, unit rows;
     manifest: the version's manifest (model_id, dim, vectors, vectors_id, model_dir, ...).
+
+    Without an approximate index every row is scored, so everything is read at open. With one,
+    opening reads the manifest and the index only: a query reads the rows it returns (`rows_info`,
+    from the parts that hold them), and the columns or the matrix are read in full only when
+    something asks for them (a search by indexed id, exact fallback, the id table).
     """
 
     def __init__(
         self,
         emb_dir: Path,
         manifest: dict,
-        paths: np.ndarray,
-        labels: np.ndarray,
-        class_names: np.ndarray,
-        matrix: np.ndarray,
+        paths: np.ndarray | None,
+        labels: np.ndarray | None,
+        class_names: np.ndarray | None,
+        matrix: np.ndarray | None,
         ann=None,
     ) -> None:
         self.emb_dir = emb_dir
         self.manifest = manifest
-        self.paths = paths
-        self.labels = labels
-        self.class_names = class_names
-        self.matrix = matrix
+        self._paths = paths
+        self._labels = labels
+        self._class_names = class_names
+        self._matrix = matrix
         self.ann = ann  # the version's approximate index (devise.ann.AnnIndex), if any
 
     @classmethod
@@ -122,6 +127,10 @@ class EmbeddingIndex:
         """Load the current version (the newest complete one), or a named one, with its
         approximate index when it has one (`devise index`) and `exact` is False."""
         emb_dir = Path(emb_dir).expanduser()
+        if not exact:
+            lazy = cls._open_with_index(emb_dir, version)
+            if lazy is not None:
+                return lazy
         for attempt in range(3):
             try:
                 manifest, table = read_version(emb_dir, version)
@@ -132,16 +141,7 @@ class EmbeddingIndex:
                 # A writer removed an old version while we read it: take the new current one.
                 if attempt == 2 or version is not None:
                     raise
-        matrix = embedding_matrix(table)
-        dim = int(manifest["dim"])
-        if matrix.shape[1] != dim:
-            raise SearchError(
-                f"{emb_dir} version {manifest['version']} says {dim}-d embeddings but its parts "
-                f"hold {matrix.shape[1]}-d ones; re-embed it with `devise embed`."
-            )
-        sample = matrix[:1000]
-        if len(sample) and not np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-3):
-            matrix = normalize_rows(matrix)
+        matrix = _checked_matrix(emb_dir, manifest, embedding_matrix(table))
         col = table.column
         return cls(
             emb_dir,
@@ -149,12 +149,74 @@ class EmbeddingIndex:
             np.asarray(col("path").to_pylist(), dtype=object),
             np.asarray(col("label").to_pylist(), dtype=object),
             np.asarray(col("class_name").to_pylist(), dtype=object),
-            np.ascontiguousarray(matrix),
+            matrix,
             None if exact else _load_ann(emb_dir, manifest["version"], len(matrix)),
         )
 
+    @classmethod
+    def _open_with_index(cls, emb_dir: Path, version: str | None) -> EmbeddingIndex | None:
+        """The version opened lazily when it has a usable approximate index; None otherwise
+        (or when its manifest or parts look damaged: the full read then falls back or says so)."""
+        from devise.store import Store
+
+        try:
+            manifest = Store.open(emb_dir).manifest(version)
+        except (EmbedError, OSError):
+            return None
+        ann = _load_ann(emb_dir, manifest["version"], int(manifest["rows"]))
+        if ann is None:
+            return None
+        return cls(emb_dir, manifest, None, None, None, None, ann)
+
+    # Read on first use when the version was opened with its index.
+
+    def _read_columns(self) -> None:
+        _, table = read_version(self.emb_dir, self.version, ["path", "label", "class_name"])
+        col = table.column
+        self._paths = np.asarray(col("path").to_pylist(), dtype=object)
+        self._labels = np.asarray(col("label").to_pylist(), dtype=object)
+        self._class_names = np.asarray(col("class_name").to_pylist(), dtype=object)
+
+    @property
+    def paths(self) -> np.ndarray:
+        if self._paths is None:
+            self._read_columns()
+        return self._paths
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._read_columns()
+        return self._labels
+
+    @property
+    def class_names(self) -> np.ndarray:
+        if self._class_names is None:
+            self._read_columns()
+        return self._class_names
+
+    @property
+    def matrix(self) -> np.ndarray:
+        if self._matrix is None:
+            _, table = read_version(self.emb_dir, self.version, ["embedding"])
+            self._matrix = _checked_matrix(self.emb_dir, self.manifest, embedding_matrix(table))
+        return self._matrix
+
+    def rows_info(self, rows: Sequence[int]) -> dict[int, tuple[str, str | None, str | None]]:
+        """{row: (path, label, class_name)} for the given rows: from memory when the columns are
+        loaded, else read from only the parts that hold them."""
+        rows = sorted({int(r) for r in rows if r >= 0})
+        if self._paths is not None or not rows:
+            return {r: (self.paths[r], self.labels[r], self.class_names[r]) for r in rows}
+        from devise.store import read_rows
+
+        cols = read_rows(self.emb_dir, self.manifest, rows, ["path", "label", "class_name"])
+        return {r: t for r, t in zip(rows, zip(cols["path"], cols["label"], cols["class_name"]))}
+
     def __len__(self) -> int:
-        return int(self.matrix.shape[0])
+        if self._matrix is None:
+            return int(self.manifest["rows"])
+        return int(self._matrix.shape[0])
 
     @property
     def dim(self) -> int:
@@ -179,7 +241,9 @@ class EmbeddingIndex:
         q = normalize_rows(q)
         if self.ann is None:
             return top_k(self.matrix, q, k)
-        scores, ids = self.ann.search(q, k, matrix=self.matrix)  # candidates scored exactly
+        # Candidates are scored exactly: on the matrix when it is in memory, else on the index's
+        # own vectors (a memory map of which only the candidates' rows are read).
+        scores, ids = self.ann.search(q, k, matrix=self._matrix)
         short = (ids < 0).any(axis=1)  # lists too short to fill k: answer those exactly
         if short.any():
             scores[short], ids[short] = top_k(self.matrix, q[short], k)
@@ -189,6 +253,7 @@ class EmbeddingIndex:
         self, queries: Sequence[str], scores: np.ndarray, indices: np.ndarray
     ) -> list[list[SearchResult]]:
         """Turn search() output into SearchResult lists, one list per query."""
+        info = self.rows_info(np.asarray(indices).ravel().tolist())
         out = []
         for query, row_scores, row_idx in zip(queries, scores, indices):
             out.append(
@@ -196,10 +261,10 @@ class EmbeddingIndex:
                     SearchResult(
                         query,
                         rank + 1,
-                        str(self.paths[i]),
-                        self.labels[i],
+                        str(info[int(i)][0]),
+                        info[int(i)][1],
                         float(s),
-                        self.class_names[i],
+                        info[int(i)][2],
                     )
                     for rank, (s, i) in enumerate(zip(row_scores, row_idx))
                 ]
@@ -234,6 +299,21 @@ class EmbeddingIndex:
         space = load_text_space(src)
         self.check_vectors(space)
         return space
+
+
+def _checked_matrix(emb_dir: Path, manifest: dict, matrix: np.ndarray) -> np.ndarray:
+    """The version's (N, D) matrix as unit rows, SearchError when its width is not the
+    manifest's."""
+    dim = int(manifest["dim"])
+    if matrix.shape[1] != dim:
+        raise SearchError(
+            f"{emb_dir} version {manifest['version']} says {dim}-d embeddings but its parts "
+            f"hold {matrix.shape[1]}-d ones; re-embed it with `devise embed`."
+        )
+    sample = matrix[:1000]
+    if len(sample) and not np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-3):
+        matrix = normalize_rows(matrix)
+    return np.ascontiguousarray(matrix)
 
 
 def _load_ann(emb_dir: Path, version: str, rows: int):

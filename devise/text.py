@@ -21,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_SPACE = "minilm"
 _ENCODE_BATCH = 64
+# What encodes a sentence-transformers folder: auto (onnxruntime when the folder allows it),
+# onnx or torch (sentence-transformers); read when a space is opened, like DEVISE_HOME.
+TEXT_ENGINE_ENV = "DEVISE_TEXT_ENGINE"
+
+
+def _text_engine() -> str:
+    return os.environ.get(TEXT_ENGINE_ENV) or "auto"
 
 
 class TextSpaceError(VectorFileError):
@@ -140,9 +147,16 @@ class SentenceEncoderSpace(TextSpace):
     """A sentence-transformers model folder, loaded offline on first use (importing
     sentence-transformers takes seconds, so a text found in the cache never imports it).
 
-    verify: called with the folder before the model is loaded (e.g. a pinned sha256 check).
-    device: torch device for the encoder (default: sentence-transformers' choice is not used;
-    CPU unless given, since query batches are tiny).
+    Texts are encoded on onnxruntime + tokenizers (devise.engines.OnnxSentenceEncoder: no torch,
+    no transformers; the graph exported once from the verified weights) when the folder is a
+    plain Transformer + mean Pooling [+ Normalize] and its weights' sha256 is known; else by
+    sentence-transformers. Both give the same vectors to cosine 0.9999 (tests/test_text.py), so
+    the space id, and every store and cache keyed by it, is the same whichever encodes.
+
+    verify: called with the folder before the weights are read (e.g. a pinned sha256 check).
+    device: torch device for sentence-transformers (CPU unless given; query batches are tiny).
+    weights_sha256: the sha256 of the folder's weights (keys the exported graph).
+    engine: "auto" (onnx when the folder allows it), "onnx" or "torch".
     """
 
     kind = "encoder"
@@ -156,7 +170,11 @@ class SentenceEncoderSpace(TextSpace):
         verify: Callable[[Path], object] | None = None,
         cache: EncodingCache | None = None,
         device: str = "cpu",
+        weights_sha256: str | None = None,
+        engine: str = "auto",
     ) -> None:
+        from devise.engines import onnx_text_supported, onnxruntime_available
+
         self.folder = Path(folder)
         self.id = space_id
         self.source = str(self.folder)
@@ -164,6 +182,25 @@ class SentenceEncoderSpace(TextSpace):
         self.device = device
         self._verify = verify
         self._model = None
+        self._onnx = None
+        self.weights_sha256 = weights_sha256
+        if engine not in ("auto", "onnx", "torch"):
+            raise TextSpaceError(
+                f"The text engine must be auto, onnx or torch, not {engine!r} (${TEXT_ENGINE_ENV})."
+            )
+        can_onnx = (
+            weights_sha256 is not None
+            and device == "cpu"
+            and onnx_text_supported(self.folder)
+            and onnxruntime_available()
+        )
+        if engine == "onnx" and not can_onnx:
+            raise TextSpaceError(
+                f"{self.folder} cannot be encoded on onnxruntime (it needs a tokenizer.json, a "
+                "Transformer with mean pooling, a known weights sha256 and the CPU); use "
+                "engine torch."
+            )
+        self.engine = "onnx" if engine != "torch" and can_onnx else "torch"
         self._lock = threading.Lock()
         self.cache = cache if cache is not None else EncodingCache.default()
 
@@ -188,21 +225,39 @@ class SentenceEncoderSpace(TextSpace):
                     ) from e
             return self._model
 
+    def onnx_encoder(self):
+        """The onnxruntime encoder (devise.engines.OnnxSentenceEncoder), opened once per process;
+        its graph is exported from the folder's weights, after `verify`, when not cached."""
+        from devise.engines import OnnxSentenceEncoder
+
+        with self._lock:
+            if self._onnx is None:
+                self._onnx = OnnxSentenceEncoder(
+                    self.folder, self.weights_sha256, verify=self._verify
+                )
+            return self._onnx
+
+    def encode_uncached(self, texts: list[str]) -> np.ndarray:
+        """(N,) texts -> (N, D) float32 unit vectors from the encoder itself (no cache)."""
+        if self.engine == "onnx":
+            return self.onnx_encoder().encode(texts, batch_size=_ENCODE_BATCH)
+        return (
+            self.model()
+            .encode(
+                texts,
+                batch_size=_ENCODE_BATCH,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            .astype(np.float32)
+        )
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         cached = self.cache.get(self.id, texts)
         todo = list(dict.fromkeys(t for t in texts if t not in cached))
         if todo:
-            vecs = (
-                self.model()
-                .encode(
-                    todo,
-                    batch_size=_ENCODE_BATCH,
-                    convert_to_numpy=True,
-                    normalize_embeddings=True,
-                    show_progress_bar=False,
-                )
-                .astype(np.float32)
-            )
+            vecs = self.encode_uncached(todo)
             fresh = dict(zip(todo, vecs))
             self.cache.put(self.id, fresh)
             cached.update(fresh)
@@ -318,6 +373,8 @@ def _open_minilm(_: str) -> TextSpace:
         folder,
         f"{assets.ENCODER_NAME}@{assets.ENCODER_SHA256[:8]}",
         verify=assets.verify_minilm,
+        weights_sha256=assets.ENCODER_SHA256,  # the graph is exported only after verify passes
+        engine=_text_engine(),
     )
 
 
@@ -336,7 +393,10 @@ def _open_st_folder(source: str) -> TextSpace:
 
     folder = Path(source).expanduser().resolve()
     weights = _weights_file(folder)
-    return SentenceEncoderSpace(folder, f"{folder.name}@{_cached_sha256(weights, sha256_file)[:8]}")
+    digest = cached_sha256(weights, sha256_file)
+    return SentenceEncoderSpace(
+        folder, f"{folder.name}@{digest[:8]}", weights_sha256=digest, engine=_text_engine()
+    )
 
 
 def _is_table(path: Path) -> bool:
@@ -347,7 +407,7 @@ def _open_table(source: str) -> TextSpace:
     return WordTableSpace(load_vectors(source))
 
 
-def _cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
+def cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
     """sha256 of a file, remembered in the encoding cache's folder by path, size and mtime."""
     st = path.stat()
     memo = devise_home() / "text" / "sha256.json"
@@ -457,6 +517,7 @@ __all__ = [
     "UnknownWordError",
     "WordTableSpace",
     "as_text_space",
+    "cached_sha256",
     "check_same_space",
     "describe_spaces",
     "load_text_space",

@@ -117,6 +117,7 @@ class TrainConfig:
     # Ray resources
     num_workers: int = 2
     use_gpu: bool = False
+    engine: str = "auto"  # image backbone of the feature stage: auto, torch or onnx
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0
     address: str | None = None
@@ -137,6 +138,7 @@ class TrainConfig:
         "epochs",
         "num_workers",
         "use_gpu",
+        "engine",
         "cpus_per_worker",
         "gpus_per_worker",
         "address",
@@ -629,7 +631,9 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
     from devise.pipeline import PipelineConfig
 
     if config.local:
-        pipe = PipelineConfig(batch_size=config.embed_batch_size, use_gpu=config.use_gpu)
+        pipe = PipelineConfig(
+            batch_size=config.embed_batch_size, use_gpu=config.use_gpu, engine=config.engine
+        )
     else:
         _, embed_cpus, decode_cpus = _resources(config)
         pipe = PipelineConfig(
@@ -639,6 +643,7 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
             decode_cpus=decode_cpus,
             use_gpu=config.use_gpu,
             gpus_per_worker=config.gpus_per_worker,
+            engine=config.engine,
         )
     return extract_features(
         catalog,

@@ -283,3 +283,33 @@ def test_index_command_is_light_and_names_the_extra(emb, monkeypatch, capsys):
     assert cli_main(["index", str(emb_dir), "--local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'devise[index]'" in err[0]
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq", "hnsw"])
+def test_a_cold_query_with_an_index_reads_only_the_parts_of_the_rows_it_returns(
+    emb, monkeypatch, kind
+):
+    """Opening with an index reads no part; a search reads the label columns of only the parts
+    holding its hits, and answers what the fully loaded index answers."""
+    emb_dir, x = emb
+    ann.build_index(emb_dir, kind=kind, target_recall=0.9, local=True, queries=200)
+    opened: list[str] = []
+    real = pq.ParquetFile
+
+    def spy(source, *a, **kw):
+        opened.append(str(source))
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(pq, "ParquetFile", spy)
+    index = Index.open(emb_dir)
+    assert opened == [] and len(index) == 4000
+    hits = index.search_vectors(x[[1234]], k=3)[0]
+    assert index._base._matrix is None and index._base._paths is None  # nothing read in full
+    rows_hit = {int(h["path"].rsplit("/", 1)[1].split(".")[0]) for h in hits}
+    parts = {Path(p).name for p in opened}
+    assert len(parts) == len({r // 500 for r in rows_hit}) <= 3  # the hits' parts only, of 8
+    monkeypatch.setattr(pq, "ParquetFile", real)
+    full = Index.open(emb_dir)
+    full._base.paths  # noqa: B018 -- load the columns: records come from memory
+    assert full.search_vectors(x[[1234]], k=3)[0] == hits
+    assert hits[0]["path"] == names(1234, 1235)[0]

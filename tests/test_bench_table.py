@@ -32,3 +32,21 @@ def test_markdown_has_one_line_per_row_and_blank_cells_for_missing_numbers() -> 
     assert lines[2].startswith("| cached load (s) | 0.124 | 69.06 | 557x |")
     assert lines[3] == "| features (images/s) | 300 |  |  |  |  |"
     assert fmt_speedup(1.0) == "1.00x" and fmt_speedup(0.999) == "1.00x (slower)"
+
+
+def test_engine_rows_say_in_words_which_side_is_faster() -> None:
+    from engines_bench import ratio, table
+
+    assert ratio(1.0, 5.0) == "new is 5.0x faster" and ratio(3.0, 2.0) == "new is 1.5x slower"
+    r = {
+        "cold_phrase": {"onnx_s": [1.0, 1.2], "torch_s": [20.0, 24.0]},
+        "embedding": [{"images": 1000, "image_size": 224, "onnx_s": 10.0, "torch_s": 50.0,
+                       "notebook_s": 60.0}],
+        "cold_search": [{"rows": 100000, "index_kind": "ivf-pq", "index_s": 3.0, "exact_s": 2.0}],
+    }  # fmt: skip
+    lines = table(r).splitlines()
+    assert len(lines) == 2 + 1 + 2 + 1
+    assert "new is 20.0x faster than sentence-transformers" in lines[2]
+    assert "new is 5.0x faster than --engine torch" in lines[3]
+    assert "new is 6.0x faster than the notebook's loop" in lines[4]
+    assert "new is 1.5x slower than exact, no index" in lines[5]
