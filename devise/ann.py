@@ -983,10 +983,12 @@ def carry_index(emb_dir: str | os.PathLike, version: str, manifest: dict) -> str
 
 
 def export_schema(dim: int, meta: dict[str, str] | None = None) -> pa.Schema:
-    """id (row id, as search returns it), path, label, class_name, embedding float32[dim]."""
+    """id (the 16-hex id search returns), row (the row number in the version), path, label,
+    class_name, embedding float32[dim]."""
     return pa.schema(
         [
-            pa.field("id", pa.int64(), nullable=False),
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("row", pa.int64(), nullable=False),
             pa.field("path", pa.string(), nullable=False),
             pa.field("label", pa.string()),
             pa.field("class_name", pa.string()),
@@ -1001,12 +1003,11 @@ def export_parquet(
 ) -> tuple[Path, int]:
     """Write the current (or named) version as one parquet file, part by part (memory stays one
     part), under a temporary name renamed into place. Returns (path, rows)."""
-    from devise.fsutil import atomic_path
+    from devise.api import row_id
+    from devise.fsutil import atomic_path, check_output_file
 
+    out = check_output_file(out, "--to")
     v = open_version(emb_dir, version)
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise AnnError(f"{out} is a folder; pass a file name such as {out / 'embeddings.parquet'}.")
     meta = {
         "version": v.name,
         "model_id": v.manifest.get("model_id", ""),
@@ -1017,9 +1018,11 @@ def export_parquet(
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for path, start, n in v.parts:
             t = pq.read_table(path, columns=["path", "label", "class_name", "embedding"])
-            ids = pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))
+            ids = pa.array([row_id(p) for p in t.column("path").to_pylist()], pa.string())
+            rows = pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))
             writer.write_table(
-                pa.Table.from_arrays([ids, *t.columns], schema=schema), row_group_size=65536
+                pa.Table.from_arrays([ids, rows, *t.columns], schema=schema),
+                row_group_size=65536,
             )
     return out, v.rows
 

@@ -346,6 +346,9 @@ def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = N
 # montage
 
 
+MONTAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def _fit(draw, text: str, font, width: int) -> str:
     if draw.textlength(text, font=font) <= width:
         return text
@@ -386,9 +389,11 @@ def montage(
             top = f"{hit.rank}. {hit.score:.3f}"
             draw.text((x, y + head + tile + 2), top, "black", font)
             draw.text((x, y + head + tile + 14), _fit(draw, str(name), font, tile), "black", font)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    from devise.fsutil import atomic_path, check_output_file
+
+    out = check_output_file(out_png, "--montage", MONTAGE_SUFFIXES)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
     return out
 
 
@@ -415,6 +420,10 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:
         raise SearchError("-k must be at least 1.")
+    if args.montage:  # before any search: a bad output name must not waste one
+        from devise.fsutil import check_output_file
+
+        check_output_file(args.montage, "--montage", MONTAGE_SUFFIXES)
     index = Index.open(
         args.embeddings,
         args.version,

@@ -179,22 +179,26 @@ def test_export_reads_in_duckdb(emb, tmp_path):
     con = duckdb.connect()
     q = x[7].tolist()
     got = con.execute(
-        "SELECT id, path, list_cosine_similarity(embedding, ?::FLOAT[]) AS score "
+        "SELECT row, path, list_cosine_similarity(embedding, ?::FLOAT[]) AS score, id "
         "FROM read_parquet(?) ORDER BY score DESC LIMIT 3",
         [q, str(out)],
     ).fetchall()
     assert got[0][0] == 7 and got[0][1] == names(7, 8)[0] and got[0][2] == pytest.approx(1.0)
+    # id is the 16-hex id search, --json and the API return for that image.
+    assert got[0][3] == Index.open(emb_dir, exact=True).search_vectors(x[7][None], 1)[0][0]["id"]
     exact = x @ x[7]
     assert [r[0] for r in got] == list(np.argsort(-exact)[:3])
     # The fixed-size array functions need the size spelled out (parquet keeps no list size).
     (score,) = con.execute(
         f"SELECT array_cosine_similarity(embedding::FLOAT[{DIM}], ?::FLOAT[{DIM}]) "
-        "FROM read_parquet(?) WHERE id = 7",
+        "FROM read_parquet(?) WHERE row = 7",
         [q, str(out)],
     ).fetchone()
     assert score == pytest.approx(1.0, abs=1e-5)
-    n, ids = con.execute(f"SELECT count(*), sum(id) FROM '{out}'").fetchone()
-    assert n == 4000 and ids == sum(range(4000))
+    n, ids, rows = con.execute(
+        f"SELECT count(*), sum(row), count(DISTINCT id) FROM '{out}'"
+    ).fetchone()
+    assert n == 4000 and ids == sum(range(4000)) and rows == 4000
 
 
 def test_cli_index_builds_with_ray_tasks_and_reports_bad_input(emb, ray_session, capsys):
