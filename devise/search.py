@@ -178,7 +178,20 @@ class EmbeddingIndex:
         q = normalize_rows(q)
         if self.ann is None:
             return top_k(self.matrix, q, k)
-        scores, ids = self.ann.search(q, k, matrix=self.matrix)  # candidates scored exactly
+        try:
+            scores, ids = self.ann.search(q, k, matrix=self.matrix)  # candidates scored exactly
+        except Exception as e:  # noqa: BLE001 -- a damaged index must never fail a search
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "Searching exactly: the index of version %s failed (%s: %s); rebuild it with "
+                "`devise index`.",
+                self.version,
+                type(e).__name__,
+                e,
+            )
+            self.ann = None
+            return top_k(self.matrix, q, k)
         short = (ids < 0).any(axis=1)  # lists too short to fill k: answer those exactly
         if short.any():
             scores[short], ids[short] = top_k(self.matrix, q[short], k)
