@@ -300,6 +300,14 @@ class Index:
         for q in queries:
             if not isinstance(q, str) or not q.strip():
                 raise SearchError("A text query must be a non-empty string.")
+            if not q.isascii():  # bytes that are not UTF-8 (from a shell), or a lone surrogate
+                try:
+                    q.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise SearchError(
+                        "A text query must be valid UTF-8 text; this one holds bytes or "
+                        "characters that are not."
+                    ) from None
             if len(q) > MAX_QUERY_CHARS:
                 raise SearchError(
                     f"A text query is {len(q)} characters long; the limit is {MAX_QUERY_CHARS}."

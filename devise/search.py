@@ -433,6 +433,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:
         raise SearchError("-k must be at least 1.")
+    if args.image:  # before the model loads: a file that is no image says so at once
+        from devise.images import ImageDecodeError, decode_image
+
+        try:
+            decode_image(args.image)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"Cannot use {args.image}: {e}.") from None
     if args.montage:  # before any search: a bad output name must not waste one
         from devise.fsutil import check_output_file
 

@@ -575,8 +575,15 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ServeError(f"--max-upload-mb must be at most 1024, not {args.max_upload_mb:g}.")
     if not args.host or any(c.isspace() for c in args.host):
         raise ServeError(f"--host {args.host!r} is not an address to listen on.")
-    if args.vectors is not None and not Path(args.vectors).expanduser().exists():
-        raise ServeError(f"--vectors {args.vectors} does not exist.")
+    if args.vectors is not None:
+        from devise.text import TEXT_SPACES
+
+        named = [k for k, v in TEXT_SPACES.items() if v.matches is None]
+        if args.vectors not in named and not Path(args.vectors).expanduser().exists():
+            raise ServeError(
+                f"--vectors {args.vectors} does not exist and is not a known text space "
+                f"({', '.join(named)})."
+            )
     if args.model is not None and not Path(args.model).expanduser().is_dir():
         raise ServeError(f"--model {args.model} is not a model folder.")
 

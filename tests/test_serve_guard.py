@@ -251,7 +251,13 @@ def test_a_port_in_use_is_one_line_before_ray_starts(data, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         code = cli_main(["serve", "--embeddings", str(data["emb"]), "--port", str(port)])
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"Port {port} on 127.0.0.1 is already in use" in err
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_query_bytes_that_are_not_utf8_get_an_answer_not_a_500(url):
+    r = requests.get(f"{url}/api/search?q=sho%FFe&k=2", timeout=60)
+    assert r.status_code in (200, 400), r.text
+    assert r.status_code == 200 or list(r.json()) == ["error"]
