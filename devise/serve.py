@@ -25,11 +25,14 @@ This module imports neither Ray nor FastAPI until a service is built.
 """
 
 import argparse
+import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -275,6 +278,7 @@ BATCH_WAIT_S = 0.002
 MAX_ONGOING = 4 * MAX_BATCH  # requests a replica takes at once (Serve's default, 5, caps batches)
 
 
+SMALL_SEARCH = 100  # queries x k of a request batched with the others; larger ones go alone
 MAX_CONCURRENT_BATCHES = 4  # batches answered at once: a slow one does not hold the next
 
 
@@ -320,6 +324,15 @@ def scrub(message: str, index: "Index", config: ServiceConfig) -> str:
     return message.replace(str(index.emb_dir), index.emb_dir.name)
 
 
+def _lower_priority() -> None:
+    """Run this thread at a lower CPU priority (nice +10), where the platform allows it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+    except (AttributeError, OSError):
+        pass
+
+
 def _service_class(api):
     """The class whose methods answer /api/* on `api`: one instance per replica, holding the
     replica's IndexFollower."""
@@ -341,11 +354,18 @@ def _service_class(api):
             self.follower = IndexFollower(ServiceConfig(**config))
             self.config = self.follower.config
             self.max_upload = int(self.follower.config.max_upload_mb * (1 << 20))
-            self.decodes = anyio.CapacityLimiter(MAX_DECODES)
+            # Large searches, encodings and image decodes: MAX_DECODES low-priority threads,
+            # so they queue behind each other and yield the CPU to small searches.
+            self.heavy = ThreadPoolExecutor(
+                MAX_DECODES, thread_name_prefix="devise-heavy", initializer=_lower_priority
+            )
             try:
                 serve.get_replica_context()
             except RayServeException:  # not a Serve replica (local_app): answer each request alone
                 self._search_batch = self._search_alone
+
+        async def _heavy(self, fn, *args):
+            return await asyncio.get_running_loop().run_in_executor(self.heavy, fn, *args)
 
         def check_health(self) -> None:
             self.follower.index  # noqa: B018 -- fails the replica if no index is loaded
@@ -370,21 +390,30 @@ def _service_class(api):
 
         async def _answer_searches(self, requests: list[tuple[list[str], int]]) -> list:
             index = self.follower.index  # one version for all of them
-            # Requests whose queries need the encoder (not in its cache) are answered on their
-            # own thread, so that a slow encoding never holds the cached ones up.
-            slow = [i for i, (q, _) in enumerate(requests) if not index.encodes_quickly(q)]
+            # Requests whose queries need the encoder (not in its cache), or that ask many
+            # results, are answered on their own thread, so that a slow encoding or a large
+            # search never holds the small cached ones up.
+            slow = [
+                i
+                for i, (q, k) in enumerate(requests)
+                if len(q) * k > SMALL_SEARCH or not index.encodes_quickly(q)
+            ]
             fast = [i for i in range(len(requests)) if i not in set(slow)]
             found: list = [None] * len(requests)
 
-            async def answer(ids: list[int]) -> None:
-                got = await anyio.to_thread.run_sync(search_many, index, [requests[i] for i in ids])
+            async def answer(ids: list[int], heavy: bool) -> None:
+                batch = [requests[i] for i in ids]
+                if heavy:
+                    got = await self._heavy(search_many, index, batch)
+                else:
+                    got = await anyio.to_thread.run_sync(search_many, index, batch)
                 for i, f in zip(ids, got):
                     found[i] = f
 
             async with anyio.create_task_group() as tg:
-                for ids in (fast, slow):
+                for ids, heavy in ((fast, False), (slow, True)):
                     if ids:
-                        tg.start_soon(answer, ids)
+                        tg.start_soon(answer, ids, heavy)
             return [(index, f) for f in found]
 
         @serve.batch(
@@ -409,15 +438,19 @@ def _service_class(api):
             if isinstance(found, BaseException):  # that request alone fails
                 log.error("A search failed: %s: %s", type(found).__name__, found)
                 return _error(500, "The search failed on the server; try again.")
-            body = _answer(index, [{"query": t, **r} for t, hits in zip(q, found) for r in hits])
-            size = len(json.dumps(body))
-            if size > MAX_REPLY_MB * (1 << 20):
+
+            def encode() -> bytes:  # a large answer's JSON is built off the event loop
+                hits = [{"query": t, **r} for t, hits in zip(q, found) for r in hits]
+                return json.dumps(_answer(index, hits), separators=(",", ":")).encode()
+
+            body = await self._heavy(encode) if len(q) * k > SMALL_SEARCH else encode()
+            if len(body) > MAX_REPLY_MB * (1 << 20):
                 return _error(
                     400,
-                    f"The answer would be {size / (1 << 20):.1f} MB, over the {MAX_REPLY_MB:g} MB "
-                    "limit of one reply; ask fewer queries or a smaller k.",
+                    f"The answer would be {len(body) / (1 << 20):.1f} MB, over the "
+                    f"{MAX_REPLY_MB:g} MB limit of one reply; ask fewer queries or a smaller k.",
                 )
-            return body
+            return Response(body, media_type="application/json")
 
         @api.get("/api/similar/{id}")
         def similar(self, id: str, k: KQuery = 10):
@@ -441,14 +474,14 @@ def _service_class(api):
             index = self.follower.index
 
             def answer() -> list[dict]:
-                try:  # at most MAX_UPLOAD_PIXELS decoded, MAX_DECODES at a time (the limiter)
+                try:  # at most MAX_UPLOAD_PIXELS decoded, MAX_DECODES at a time (self.heavy)
                     image = decode_image(data, max_pixels=MAX_UPLOAD_PIXELS)
                 except ImageDecodeError as e:
                     raise ImageDecodeError(f"Cannot use the uploaded image: {e}.") from None
                 return index.search_image(image, k)
 
             try:
-                hits = await anyio.to_thread.run_sync(answer, limiter=self.decodes)
+                hits = await self._heavy(answer)
             except ImageDecodeError as e:
                 return _error(415, str(e))
             except SearchError as e:
