@@ -103,7 +103,10 @@ class IndexFollower:
 
         self.config = config
         self._index = Index.open(config.embeddings, vectors=config.vectors, model=config.model)
-        self._index.warm()  # the first query must not wait for the text encoder to load
+        try:  # the first query must not wait for the text encoder to load
+            self._index.warm()
+        except DeviseError as e:  # image and similar-image searches still work
+            log.warning("Text queries will fail: %s", e)
         self._last_problem: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="devise-follow", daemon=True)

@@ -261,3 +261,24 @@ def test_query_bytes_that_are_not_utf8_get_an_answer_not_a_500(url):
     r = requests.get(f"{url}/api/search?q=sho%FFe&k=2", timeout=60)
     assert r.status_code in (200, 400), r.text
     assert r.status_code == 200 or list(r.json()) == ["error"]
+
+
+def test_a_replica_starts_and_searches_exactly_over_a_damaged_index(data, tmp_path, caplog):
+    import shutil
+
+    pytest.importorskip("faiss")
+    from devise import ann
+    from devise.serve import IndexFollower, ServiceConfig
+
+    emb = tmp_path / "emb"
+    shutil.copytree(data["emb"], emb)
+    r = ann.build_index(emb, kind="flat", local=True, queries=5)
+    for garbage in ("{}", "", "{not json", '{"kind": "flat", "params": {"efSearch": "x"}}'):
+        (r.folder / ann.INDEX_META).write_text(garbage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            follower = IndexFollower(ServiceConfig(embeddings=str(emb), poll_s=60))
+        follower.close()
+        assert follower.index.info()["search"] == "exact"
+        assert [h["label"] for h in follower.index.search("ship", 2)] == ["ship", "ship"]
+        assert sum("Searching exactly" in rec.getMessage() for rec in caplog.records) == 1
