@@ -576,6 +576,8 @@ def start(
     # Ray Serve's per-request access lines and INFO lines only with -v.
     verbose = console.verbose()
     logging_config = {"enable_access_log": verbose, "log_level": "INFO" if verbose else "WARNING"}
+    if not verbose:  # the driver's own "Started Serve", "Application ... is ready" lines
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(
         build_app(config, replicas, cpus_per_replica),

@@ -122,3 +122,66 @@ def test_ctrl_c_to_the_group_during_a_ray_stage_exits_with_one_line(tmp_path):
     assert seconds < 15
     version = Store.open(emb).current()
     assert not (emb / "versions" / version / "index").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_prints_two_lines_and_stops_on_a_group_ctrl_c(tmp_path, vec_file):
+    """`devise serve`: no per-request or INFO lines (only with -v), and a Ctrl-C to the whole
+    process group (Ray's processes included) stops it within seconds."""
+    import socket
+
+    import numpy as np
+    import pandas as pd
+    import requests
+
+    from devise.store import Store
+    from devise.vectors import load_vectors
+
+    wv = load_vectors(vec_file)
+    x = np.stack([wv.lookup(w) for w in ("cat", "dog", "car", "ship")]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = pd.DataFrame({"path": [f"/img/{w}.jpg" for w in ("cat", "dog", "car", "ship")]})
+    emb = tmp_path / "emb"
+    Store.open(emb, create=True).write_version(
+        rows, x, model_id="m1", vectors=str(vec_file), vectors_id=wv.vectors_id
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "stdout.txt"
+    code = (
+        "import sys; from devise.cli import main; sys.exit(main(['serve', '--embeddings', "
+        f"{str(emb)!r}, '--port', '{port}', '--address', 'local']))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+           "DEVISE_HOME": str(tmp_path / "home")}  # fmt: skip
+    err = tmp_path / "stderr.txt"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=fo, stderr=fe, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Open http" not in out.read_text():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.5)
+        for word in ("cat", "dog", "ship"):
+            r = requests.get(f"http://127.0.0.1:{port}/api/search", params={"q": word}, timeout=60)
+            assert r.status_code == 200 and r.json()["results"][0]["path"] == f"/img/{word}.jpg"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        seconds = time.monotonic() - t0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # only this test's own group
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    printed = out.read_text().strip().splitlines()
+    assert len(printed) == 2 and printed[0].startswith("Serving "), printed
+    said = err.read_text()
+    assert "INFO" not in said and "GET /api/search" not in said, said
+    assert seconds < 15
