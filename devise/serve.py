@@ -327,6 +327,15 @@ def scrub(message: str, index: "Index", config: ServiceConfig) -> str:
     return message.replace(str(index.emb_dir), index.emb_dir.name)
 
 
+def _encodes_quickly(index: "Index", queries: list[str]) -> bool:
+    """index.encodes_quickly, False when it cannot tell (a text space that failed to load:
+    the request then earns its own error on a thread)."""
+    try:
+        return index.encodes_quickly(queries)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _lower_priority() -> None:
     """Run this thread at a lower CPU priority (nice +10), where the platform allows it."""
     try:
@@ -399,7 +408,7 @@ def _service_class(api):
             slow = [
                 i
                 for i, (q, k) in enumerate(requests)
-                if len(q) * k > SMALL_SEARCH or not index.encodes_quickly(q)
+                if len(q) * k > SMALL_SEARCH or not _encodes_quickly(index, q)
             ]
             fast = [i for i in range(len(requests)) if i not in set(slow)]
             found: list = [None] * len(requests)

@@ -282,3 +282,23 @@ def test_a_replica_starts_and_searches_exactly_over_a_damaged_index(data, tmp_pa
         assert follower.index.info()["search"] == "exact"
         assert [h["label"] for h in follower.index.search("ship", 2)] == ["ship", "ship"]
         assert sum("Searching exactly" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_a_replica_warms_the_text_encoder_before_it_answers(data, monkeypatch):
+    """The replica's constructor (and so /healthz and Serve's readiness) waits for the encoder:
+    the first query never pays for loading it."""
+    from devise.api import Index
+    from devise.serve import IndexFollower, ServiceConfig
+
+    loaded = []
+
+    class Space:  # an encoder that loads on first use, as a sentence encoder does
+        open_vocabulary = True
+
+        def model(self):
+            loaded.append(time.monotonic())
+
+    monkeypatch.setattr(Index, "_text_space", lambda self: Space())
+    follower = IndexFollower(ServiceConfig(embeddings=str(data["emb"]), poll_s=60))
+    follower.close()
+    assert len(loaded) == 1
