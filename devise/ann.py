@@ -4,7 +4,8 @@ search them; and the flat parquet export.
 
 Layout inside a committed version (the version's own files are never touched)::
 
-    versions/<v>/index/            index.json (kind, parameters, measured recall), index.faiss,
+    versions/<v>/index/            index.json (kind, parameters, measured recall, each file's
+                                   size and SHA-256), index.faiss,
                                    and vectors.f32 for IVF kinds (the rows' float32 vectors in
                                    row-id order, memory-mapped to re-rank candidates exactly);
                                    renamed into place complete
@@ -43,7 +44,7 @@ INDEX_DIR = "index"
 INDEX_META = "index.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.f32"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: index.json records each file's size and SHA-256
 # `auto` keeps exact (flat) search below this many rows: ~56 ms a query at 10^6 x 300 here.
 AUTO_FLAT_MAX = 1_000_000
 # An incremental version whose added + removed rows exceed this share of its rows is rebuilt
@@ -511,30 +512,99 @@ def index_dir(version_dir: str | os.PathLike) -> Path:
     return Path(version_dir) / INDEX_DIR
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _whole(value, name: str, low: float, high: float = math.inf) -> int:
+    """value as an int in [low, high], or AnnError naming the parameter."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or not low <= value <= high:
+        raise AnnError(f"its parameter {name}={value!r} is impossible")
+    return int(value)
+
+
+def _check_meta(meta, folder: Path) -> dict:
+    """index.json's fields that loading and searching rely on, checked (AnnError otherwise)."""
+    if not isinstance(meta, dict) or not meta:
+        raise AnnError("its index.json holds no index description")
+    if meta.get("kind") not in KINDS:
+        raise AnnError(f"its kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
+    params = meta.get("params", {})
+    if not isinstance(params, dict):
+        raise AnnError(f"its parameters {params!r} are not a mapping")
+    for name in ("nprobe", "efSearch", "k_factor"):
+        if name in params:
+            _whole(params[name], name, 1, 1 << 20)
+    files = meta.get("files")
+    if not isinstance(files, dict) or INDEX_FILE not in files:
+        raise AnnError("its index.json records no checksums (built by an older devise)")
+    for name, want in files.items():
+        if name not in (INDEX_FILE, VECTORS_FILE) or not isinstance(want, dict):
+            raise AnnError(f"its index.json lists an unknown file {name!r}")
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise AnnError(f"its {name} is missing") from None
+        if size != want.get("bytes"):
+            raise AnnError(f"its {name} holds {size} bytes, not the {want.get('bytes')} recorded")
+        if file_sha256(path) != want.get("sha256"):
+            raise AnnError(f"its {name} does not match the checksum recorded when it was built")
+    return meta
+
+
 def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnIndex | None:
-    """The committed index of a version folder, or None when it has none (search is exact)."""
+    """The committed index of a version folder, or None when it has none (search is exact).
+    AnnError (one sentence) when it cannot be trusted: index.json unreadable or implausible,
+    a file whose size or SHA-256 differs from what the build recorded, a vectors file of the
+    wrong size, or a row count that is not the version's."""
     folder = index_dir(version_dir)
     try:
-        meta = json.loads((folder / INDEX_META).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    faiss = _faiss()
-    try:
-        base = faiss.read_index(str(folder / INDEX_FILE))
-    except RuntimeError as e:
+        try:
+            text = (folder / INDEX_META).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise AnnError(f"its index.json cannot be read ({e})") from None
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            raise AnnError("its index.json is not JSON") from None
+        _check_meta(meta, folder)
+        faiss = _faiss()
+        try:
+            base = faiss.read_index(str(folder / INDEX_FILE))
+        except RuntimeError as e:
+            raise AnnError(f"its index.faiss cannot be read ({str(e).splitlines()[0]})") from None
+        dim = int(base.d)
+        if dim < 1 or base.ntotal < 0:
+            raise AnnError(f"its index.faiss says {dim}-d, {base.ntotal} rows")
+        vectors = None
+        if (folder / VECTORS_FILE).exists():
+            size = (folder / VECTORS_FILE).stat().st_size
+            if size == 0 or size != base.ntotal * dim * 4:
+                raise AnnError(
+                    f"its vectors.f32 holds {size} bytes, not {base.ntotal} rows x {dim} float32"
+                )
+            vectors = np.memmap(folder / VECTORS_FILE, np.float32, "r").reshape(-1, dim)
+        elif KINDS[meta["kind"]].rerank:
+            raise AnnError("its vectors.f32 is missing")
+        if "nprobe" in meta.get("params", {}):
+            ivf = faiss.try_extract_index_ivf(base)
+            if ivf is None or meta["params"]["nprobe"] > ivf.nlist:
+                raise AnnError(f"its parameter nprobe={meta['params']['nprobe']} is impossible")
+        ann = AnnIndex(meta["kind"], base, vectors, meta)
+        if expect_rows is not None and ann.rows != expect_rows:
+            raise AnnError(f"it holds {ann.rows} rows but its version {expect_rows}")
+    except AnnError as e:
         raise AnnError(
-            f"The index in {folder} cannot be read ({str(e).splitlines()[0]}); rebuild it with "
-            f"`devise index`."
+            f"The index in {folder} cannot be used: {e}; rebuild it with `devise index`."
         ) from None
-    vectors = None
-    if (folder / VECTORS_FILE).exists():
-        vectors = np.memmap(folder / VECTORS_FILE, np.float32, "r").reshape(-1, int(base.d))
-    ann = AnnIndex(meta["kind"], base, vectors, meta)
-    if expect_rows is not None and ann.rows != expect_rows:
-        raise AnnError(
-            f"The index in {folder} holds {ann.rows} rows but its version {expect_rows}; "
-            "rebuild it with `devise index`."
-        )
     return ann
 
 
@@ -554,6 +624,12 @@ def commit_index(version: Version, tmp: Path, ann: AnnIndex, meta: dict) -> Path
     faiss = _faiss()
     try:
         faiss.write_index(ann.base, str(tmp / INDEX_FILE))
+        # Every file's size and SHA-256: a reader trusts the index only when they match.
+        meta["files"] = {
+            p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in (tmp / INDEX_FILE, tmp / VECTORS_FILE)
+            if p.exists()
+        }
         with open(tmp / INDEX_META, "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for p in tmp.iterdir():
@@ -983,10 +1059,12 @@ def carry_index(emb_dir: str | os.PathLike, version: str, manifest: dict) -> str
 
 
 def export_schema(dim: int, meta: dict[str, str] | None = None) -> pa.Schema:
-    """id (row id, as search returns it), path, label, class_name, embedding float32[dim]."""
+    """id (the 16-hex id search returns), row (the row number in the version), path, label,
+    class_name, embedding float32[dim]."""
     return pa.schema(
         [
-            pa.field("id", pa.int64(), nullable=False),
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("row", pa.int64(), nullable=False),
             pa.field("path", pa.string(), nullable=False),
             pa.field("label", pa.string()),
             pa.field("class_name", pa.string()),
@@ -1001,12 +1079,11 @@ def export_parquet(
 ) -> tuple[Path, int]:
     """Write the current (or named) version as one parquet file, part by part (memory stays one
     part), under a temporary name renamed into place. Returns (path, rows)."""
-    from devise.fsutil import atomic_path
+    from devise.api import row_id
+    from devise.fsutil import atomic_path, check_output_file
 
+    out = check_output_file(out, "--to")
     v = open_version(emb_dir, version)
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise AnnError(f"{out} is a folder; pass a file name such as {out / 'embeddings.parquet'}.")
     meta = {
         "version": v.name,
         "model_id": v.manifest.get("model_id", ""),
@@ -1017,9 +1094,11 @@ def export_parquet(
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for path, start, n in v.parts:
             t = pq.read_table(path, columns=["path", "label", "class_name", "embedding"])
-            ids = pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))
+            ids = pa.array([row_id(p) for p in t.column("path").to_pylist()], pa.string())
+            rows = pa.array(np.arange(start, start + t.num_rows, dtype=np.int64))
             writer.write_table(
-                pa.Table.from_arrays([ids, *t.columns], schema=schema), row_group_size=65536
+                pa.Table.from_arrays([ids, rows, *t.columns], schema=schema),
+                row_group_size=65536,
             )
     return out, v.rows
 

@@ -270,6 +270,25 @@ class Index:
                 raise SearchError(f'The vector of "{q}" is all zeros; try other words.')
         return vecs
 
+    def warm(self) -> None:
+        """Load the text space and its encoder now, so that the first query does not wait."""
+        load = getattr(self._text_space(), "model", None)
+        if callable(load):
+            load()
+
+    def encodes_quickly(self, queries: Sequence[str]) -> bool:
+        """True when encoding these queries needs no encoder run: a word table, or every query
+        already in the encoding cache."""
+        space = self._text_space()
+        cache = getattr(space, "cache", None)
+        if not getattr(space, "open_vocabulary", False) or cache is None:
+            return True
+        texts = {q.strip() for q in queries if isinstance(q, str)}
+        try:
+            return len(cache.get(space.id, sorted(texts))) == len(texts)
+        except Exception:  # noqa: BLE001 -- a cache that cannot answer: take the slow path
+            return False
+
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Image paths, encoded bytes or PIL images -> (N, D) float32 unit vectors, with the
         model that embedded this version (loaded on first use; imports torch).
@@ -309,6 +328,14 @@ class Index:
         for q in queries:
             if not isinstance(q, str) or not q.strip():
                 raise SearchError("A text query must be a non-empty string.")
+            if not q.isascii():  # bytes that are not UTF-8 (from a shell), or a lone surrogate
+                try:
+                    q.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise SearchError(
+                        "A text query must be valid UTF-8 text; this one holds bytes or "
+                        "characters that are not."
+                    ) from None
             if len(q) > MAX_QUERY_CHARS:
                 raise SearchError(
                     f"A text query is {len(q)} characters long; the limit is {MAX_QUERY_CHARS}."

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from devise.errors import DeviseError
-from devise.fsutil import atomic_path, name_problem, printable
+from devise.fsutil import atomic_path, check_output_file, name_problem, printable
 from devise.images import is_image_path
 
 SPLITS = ("train", "test", "unseen")
@@ -213,9 +213,11 @@ def write_catalog(df: pd.DataFrame, out: str | os.PathLike) -> Path:
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out that is a folder before any scanning."""
+    """Refuse an --out that is a folder, a device or inside an embeddings store, before any
+    scanning."""
     if out.is_dir():
         raise CatalogError(f"--out {out} is a folder; give the path of the catalog file to write.")
+    check_output_file(out, "--out")
 
 
 def write_skipped(skipped: list[tuple[str, str]], out: str | os.PathLike) -> Path:

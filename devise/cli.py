@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -109,9 +113,12 @@ def main(
     verbose = args.verbosity >= console.VERBOSE or getattr(args, "debug", False)
     console.configure(console.VERBOSE if verbose else args.verbosity)
     name = prog if command else f"{prog} {args.command}"
+    said = threading.Event()
+    previous = _exit_soon_on_interrupt(name, said)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        said.set()
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except (DeviseError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
@@ -120,6 +127,51 @@ def main(
             traceback.print_exc()
         print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return e.EXIT_CODE if isinstance(e, DeviseError) else 2
+    finally:
+        said.set()  # whatever was to be said is said: a watchdog only ends the process now
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# After a Ctrl-C the command unwinds (locks released, finished work kept) for at most this long,
+# then the process exits anyway: a Ctrl-C in a terminal also reaches the Ray processes a stage
+# started, and cleanup that waits on them (a gone GCS) would otherwise wait for minutes.
+INTERRUPT_GRACE_S = 8.0
+_running: dict = {"name": "devise", "said": threading.Event()}
+
+
+def interrupt_watchdog() -> None:
+    """Start (once) the thread that ends the process INTERRUPT_GRACE_S after a Ctrl-C, with one
+    line and exit code 130, unless the command has ended by then. Every SIGINT handler of a
+    stage calls it (the CLI's own, and Ray Train's wrapper in devise.training)."""
+    if any(t.name == "devise-interrupt" for t in threading.enumerate()):
+        return
+    name, said = _running["name"], _running["said"]
+
+    def watchdog() -> None:
+        time.sleep(INTERRUPT_GRACE_S)
+        if not said.is_set():
+            print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=watchdog, name="devise-interrupt", daemon=True).start()
+
+
+def _exit_soon_on_interrupt(name: str, said: threading.Event):
+    """Make SIGINT raise KeyboardInterrupt as usual and also arm interrupt_watchdog. Returns
+    the previous handler (None where signals cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _running.update(name=name, said=said)
+
+    def on_sigint(signum, frame):
+        interrupt_watchdog()
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:
+        return None
 
 
 def _one_line(e: BaseException) -> str:

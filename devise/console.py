@@ -30,7 +30,9 @@ _NOISE = re.compile(
     r"|tqdm is not installed|progress bars? (will be )?disabled"
     # Ray Train's INFO lines in its workers
     r"|Checkpoint successfully created|Wrapping provided model in|Setting up process group"
-    r"|Moving model to device",
+    r"|Moving model to device"
+    # Ray Serve stopping (Ctrl-C on `devise serve`)
+    r"|ServeController\.graceful_shutdown failed",
     re.IGNORECASE,
 )
 
@@ -110,6 +112,13 @@ def filter_worker_echo() -> None:
         if lines:
             printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
+    def _print_error(data: dict, ignore_prefix: bool = False) -> None:  # Ray's error echo
+        lines = [line for line in data.get("lines", []) if not is_noise(line)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    if getattr(printer, "__name__", "") != "_print_error":
+        ray_worker.print_to_stdstream = _print_error
     if not any(name == "ray_print_logs" for name, _ in getattr(dispatch, "handlers", [])):
         return  # Ray does not echo worker output here (log_to_driver off)
     dispatch.remove_handler("ray_print_logs")

@@ -46,12 +46,13 @@ def run_demo(args: argparse.Namespace) -> dict:
     from devise.catalog import build_catalog, write_catalog
     from devise.embed import EmbedConfig, embed
     from devise.evaluate import CONCEPT_WORDS, EvalConfig, evaluate
+    from devise.fsutil import check_output_dir
     from devise.runtime import init_ray, resolve_resources, resources_from_args
     from devise.search import EmbeddingIndex, montage, search_text
     from devise.text import load_text_space
     from devise.training import TrainConfig, train
 
-    out = Path(args.out).resolve()
+    out = check_output_dir(args.out, "--out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     spaces = [args.vectors, *[s for s in args.compare if s and s != args.vectors]]
     total = 7

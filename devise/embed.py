@@ -257,12 +257,13 @@ def embed(
             meta=meta,
             extra=extra,
             hashes=hashes,
-            keep_versions=config.keep_versions,
+            keep_versions=0,  # old versions go after the index is carried (below), not before
             max_error_fraction=config.max_error_fraction,
         )
         from devise.ann import carry_index  # a no-op unless the previous version had an index
 
         index_line = carry_index(store.root, name, manifest)
+        store.gc(config.keep_versions)
     return EmbedResult(
         emb_dir=store.root,
         version=name,

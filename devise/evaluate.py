@@ -694,6 +694,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if not Path(args.model).exists():
         raise EvalError(f"Model folder {args.model} does not exist; train one with `devise train`.")
+    from devise.fsutil import check_output_dir
+
+    check_output_dir(args.out, "--out")  # before Ray and the model: a bad folder wastes nothing
     if not args.local:
         init_ray(args.address)
     config = EvalConfig(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from devise.errors import DeviseError
+
+
+class OutputPathError(DeviseError):
+    """A user-named output path that must not be written (a device, a folder, inside an
+    embeddings store); str() says which path to give instead."""
+
+
+# What marks a folder as an embeddings store (the names devise/store.py writes).
+_STORE_MARKS = ("CURRENT", "versions")
 
 
 def _umask() -> int:
@@ -43,13 +55,121 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     new one, never half of one; on error it is removed. Temporary names are `.NAME.HEX.tmp`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_special(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         normal_mode(tmp)
+        _refuse_special(path)  # something else may have appeared there meanwhile
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_special(path: Path) -> None:
+    # A rename replaces what the name points at: only ever a regular file (never a device,
+    # FIFO, socket or folder, even when running as root).
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(
+            f"{printable(path)} is {_kind(st.st_mode)}, not a regular file; give a new file name."
+        )
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def is_store(folder: str | os.PathLike) -> bool:
+    """Whether a folder is an embeddings store (it holds CURRENT or a committed version)."""
+    folder = Path(folder)
+    if (folder / _STORE_MARKS[0]).is_file():
+        return True
+    try:
+        return any((folder / _STORE_MARKS[1]).glob("*/manifest.json"))
+    except OSError:
+        return False
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    flag: str,
+    suffixes: Sequence[str] = (),
+    owned: str | os.PathLike | None = None,
+) -> Path:
+    """A user-named output file (`flag` names it in messages) checked before any work: a new
+    name or a regular file, whose parent is (or can become) a folder, outside every embeddings
+    store except `owned`, and ending with one of `suffixes` when given. OutputPathError (one
+    sentence) otherwise; returns the expanded path."""
+    path = Path(path).expanduser()
+    shown = printable(path)
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise OutputPathError(f"{flag} {shown} cannot be checked: {e.strerror}.") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        example = path / ("out" + (suffixes[0] if suffixes else ""))
+        raise OutputPathError(
+            f"{flag} {shown} is a folder; give a file name such as {printable(example)}."
+        )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(
+            f"{flag} {shown} is {_kind(st.st_mode)}, not a regular file; give a new file name."
+        )
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputPathError(
+            f"{flag} {shown} must end with {' or '.join(suffixes)} (the format is taken from "
+            "the name)."
+        )
+    _check_parents(path.absolute().parent, flag, shown, owned)
+    return path
+
+
+def check_output_dir(
+    path: str | os.PathLike, flag: str, owned: str | os.PathLike | None = None
+) -> Path:
+    """A user-named output folder checked before any work: a folder or a new name, not under
+    a file, outside every embeddings store except `owned`. OutputPathError otherwise."""
+    path = Path(path).expanduser()
+    shown = printable(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {shown} is a file, not a folder; give a folder path.")
+    _check_parents(path.absolute(), flag, shown, owned)
+    return path
+
+
+def _check_parents(
+    start: Path, flag: str, shown: str, owned: str | os.PathLike | None = None
+) -> None:
+    for folder in (start, *start.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise OutputPathError(
+                    f"{flag} {shown}: {printable(folder)} is a file, not a folder; give a path "
+                    "under a folder."
+                )
+            break
+    owned_root = Path(owned).expanduser().resolve() if owned is not None else None
+    real = start.resolve()
+    for folder in (real, *real.parents):
+        if is_store(folder) and folder != owned_root:
+            raise OutputPathError(
+                f"{flag} {shown} is inside the embeddings folder {printable(folder)}, which "
+                "this command does not write; give a path outside it."
+            )
 
 
 @contextmanager

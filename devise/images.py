@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -54,10 +54,7 @@ def decode_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) 
     and oversized files.
     """
     if not isinstance(data, (bytes, bytearray)):
-        path = Path(data)
-        if not path.exists():
-            raise ImageDecodeError("file does not exist")
-        data = path.read_bytes()
+        data = read_file_bytes(data)
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -87,10 +84,24 @@ def decode_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) 
 
 
 def read_file_bytes(path: str | os.PathLike) -> bytes:
-    """Read a file's bytes; ImageDecodeError when it is missing or unreadable."""
+    """Read a regular file's bytes; ImageDecodeError when it is missing, unreadable, or not a
+    regular file (opened without blocking, so a FIFO or device never hangs the reader)."""
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageDecodeError("file does not exist") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("it is a folder, not an image file") from None
     except OSError as e:
         raise ImageDecodeError(f"cannot read file: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageDecodeError("it is a folder, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError("not a regular file (a FIFO, socket or device)")
+        os.set_blocking(fd, True)
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read file: {e.strerror or e}") from None

@@ -288,9 +288,11 @@ def init_ray(
     except Exception as e:  # whatever Ray says, the user gets it in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = f"join Ray at {target} ({source})" if target else "start a local Ray"
+        # --address local was what failed: suggest only what is left to try.
+        other = "" if address == LOCAL else ", or --address local for a fresh local Ray"
         raise RayUnavailableError(
-            f"Could not {where}: {first} Retry, pass --address HOST:PORT to choose a cluster, "
-            "or --address local for a fresh local Ray (-v shows Ray's logs)."
+            f"Could not {where}: {first} Retry, pass --address HOST:PORT to choose a "
+            f"cluster{other} (-v shows Ray's logs)."
         ) from e
     console.filter_worker_echo()
     console.quiet_ray_data()

@@ -243,7 +243,20 @@ class EmbeddingIndex:
             return top_k(self.matrix, q, k)
         # Candidates are scored exactly: on the matrix when it is in memory, else on the index's
         # own vectors (a memory map of which only the candidates' rows are read).
-        scores, ids = self.ann.search(q, k, matrix=self._matrix)
+        try:
+            scores, ids = self.ann.search(q, k, matrix=self._matrix)
+        except Exception as e:  # noqa: BLE001 -- a damaged index must never fail a search
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "Searching exactly: the index of version %s failed (%s: %s); rebuild it with "
+                "`devise index`.",
+                self.version,
+                type(e).__name__,
+                e,
+            )
+            self.ann = None
+            return top_k(self.matrix, q, k)
         short = (ids < 0).any(axis=1)  # lists too short to fill k: answer those exactly
         if short.any():
             scores[short], ids[short] = top_k(self.matrix, q[short], k)
@@ -427,6 +440,9 @@ def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = N
 # montage
 
 
+MONTAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def _fit(draw, text: str, font, width: int) -> str:
     if draw.textlength(text, font=font) <= width:
         return text
@@ -467,9 +483,11 @@ def montage(
             top = f"{hit.rank}. {hit.score:.3f}"
             draw.text((x, y + head + tile + 2), top, "black", font)
             draw.text((x, y + head + tile + 14), _fit(draw, str(name), font, tile), "black", font)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    from devise.fsutil import atomic_path, check_output_file
+
+    out = check_output_file(out_png, "--montage", MONTAGE_SUFFIXES)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
     return out
 
 
@@ -500,6 +518,17 @@ def run_cli(args: argparse.Namespace) -> int:
         raise SearchError("Give words to search for, or --image PATH (not both).")
     if args.k < 1:
         raise SearchError("-k must be at least 1.")
+    if args.image:  # before the model loads: a file that is no image says so at once
+        from devise.images import ImageDecodeError, decode_image
+
+        try:
+            decode_image(args.image)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"Cannot use {args.image}: {e}.") from None
+    if args.montage:  # before any search: a bad output name must not waste one
+        from devise.fsutil import check_output_file
+
+        check_output_file(args.montage, "--montage", MONTAGE_SUFFIXES)
     index = Index.open(
         args.embeddings,
         args.version,

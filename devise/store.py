@@ -396,9 +396,7 @@ class Store:
                 return name
             except DamagedVersionError as e:
                 fallback = self.newest_intact(exclude={name})
-                log.warning(
-                    "%s; using version %s (`devise embed --repair` rebuilds it).", e, fallback
-                )
+                log.warning("%s; %s", e, _fallback_words(fallback))
                 return fallback
             except FileNotFoundError:
                 pass  # removed while we looked: the newest intact one is current now
@@ -509,7 +507,7 @@ class Store:
             except DamagedVersionError as e:
                 tried.add(name)
                 name = self.newest_intact(exclude=tried)
-                log.warning("%s; using version %s (`devise embed --repair` rebuilds it).", e, name)
+                log.warning("%s; %s", e, _fallback_words(name))
         raise self._none_error()
 
     def _read(self, name: str, cols: list | None) -> tuple[dict, pa.Table]:
@@ -900,6 +898,13 @@ class Store:
                 max_error_fraction=max_error_fraction,
             )
         return name
+
+
+def _fallback_words(fallback: str | None) -> str:
+    """What a reader does instead of a damaged version, in words."""
+    if fallback is None:
+        return "no intact version is left (`devise embed --repair` rebuilds it)."
+    return f"using version {fallback} (`devise embed --repair` rebuilds it)."
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

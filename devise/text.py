@@ -477,9 +477,16 @@ def load_text_space(source: str | os.PathLike | None = None) -> TextSpace:
         )
         if kind is None:
             named = ", ".join(k for k, v in TEXT_SPACES.items() if v.matches is None)
+            what = (
+                "is a folder that holds neither a sentence-transformers model nor word vectors"
+                if path.is_dir()
+                else "is not a word-vector file"
+                if path.exists()
+                else f"does not exist and is not a known text space ({named})"
+            )
             raise TextSpaceError(
-                f"--vectors {name} does not exist and is not a known text space ({named}); pass "
-                "one of those, a word-vector file or a sentence-transformers model folder."
+                f"--vectors {name} {what}; pass one of {named}, a word-vector file or a "
+                "sentence-transformers model folder."
             )
     space = kind.open(name)
     with _OPEN_LOCK:

@@ -547,6 +547,10 @@ class _StopOnSignals:
 
     def handler(self, signum, frame) -> None:
         self.signum = self.signum or signum
+        if signum == signal.SIGINT:  # the whole process ends within seconds, whatever hangs
+            from devise.cli import interrupt_watchdog
+
+            interrupt_watchdog()
         ray_handler = signal.getsignal(signal.SIGINT)
         if ray_handler != self.handler and callable(ray_handler):
             ray_handler(signal.SIGINT, frame)  # Ray Train is running: abort it gracefully

@@ -179,22 +179,26 @@ def test_export_reads_in_duckdb(emb, tmp_path):
     con = duckdb.connect()
     q = x[7].tolist()
     got = con.execute(
-        "SELECT id, path, list_cosine_similarity(embedding, ?::FLOAT[]) AS score "
+        "SELECT row, path, list_cosine_similarity(embedding, ?::FLOAT[]) AS score, id "
         "FROM read_parquet(?) ORDER BY score DESC LIMIT 3",
         [q, str(out)],
     ).fetchall()
     assert got[0][0] == 7 and got[0][1] == names(7, 8)[0] and got[0][2] == pytest.approx(1.0)
+    # id is the 16-hex id search, --json and the API return for that image.
+    assert got[0][3] == Index.open(emb_dir, exact=True).search_vectors(x[7][None], 1)[0][0]["id"]
     exact = x @ x[7]
     assert [r[0] for r in got] == list(np.argsort(-exact)[:3])
     # The fixed-size array functions need the size spelled out (parquet keeps no list size).
     (score,) = con.execute(
         f"SELECT array_cosine_similarity(embedding::FLOAT[{DIM}], ?::FLOAT[{DIM}]) "
-        "FROM read_parquet(?) WHERE id = 7",
+        "FROM read_parquet(?) WHERE row = 7",
         [q, str(out)],
     ).fetchone()
     assert score == pytest.approx(1.0, abs=1e-5)
-    n, ids = con.execute(f"SELECT count(*), sum(id) FROM '{out}'").fetchone()
-    assert n == 4000 and ids == sum(range(4000))
+    n, ids, rows = con.execute(
+        f"SELECT count(*), sum(row), count(DISTINCT id) FROM '{out}'"
+    ).fetchone()
+    assert n == 4000 and ids == sum(range(4000)) and rows == 4000
 
 
 def test_cli_index_builds_with_ray_tasks_and_reports_bad_input(emb, ray_session, capsys):
@@ -313,3 +317,101 @@ def test_a_cold_query_with_an_index_reads_only_the_parts_of_the_rows_it_returns(
     full._base.paths  # noqa: B018 -- load the columns: records come from memory
     assert full.search_vectors(x[[1234]], k=3)[0] == hits
     assert hits[0]["path"] == names(1234, 1235)[0]
+
+
+def _flip_bytes(path: Path, seed: int, n: int = 64) -> None:
+    """Random bit flips in the second half of a file (same size, as a disk or copy error)."""
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    for pos in rng.integers(len(data) // 2, len(data), n):
+        data[pos] ^= 1 << int(rng.integers(0, 8))
+    path.write_bytes(bytes(data))
+
+
+def _exact_fallback(emb_dir: Path, x: np.ndarray, caplog, want: str) -> None:
+    """Index.open says once why it searches exactly, and its answers are the exact ones."""
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        index = Index.open(emb_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Searching exactly" in warnings[0], warnings
+    assert want in warnings[0] and "devise index" in warnings[0], warnings
+    assert index.info()["search"] == "exact"
+    exact = Index.open(emb_dir, exact=True)
+    assert index.search_vectors(x[:20], 10) == exact.search_vectors(x[:20], 10)
+
+
+@pytest.mark.parametrize("kind", ["ivf-pq", "hnsw"])
+def test_bit_flips_in_an_index_are_caught_by_its_checksum(emb, caplog, capsys, kind):
+    emb_dir, x = emb
+    r = ann.build_index(emb_dir, kind=kind, target_recall=0.9, local=True, queries=100)
+    files = ann.load(r.folder.parent).meta["files"]
+    assert set(files) == ({"index.faiss", "vectors.f32"} if kind == "ivf-pq" else {"index.faiss"})
+    _flip_bytes(r.folder / ann.INDEX_FILE, seed=3)
+    _exact_fallback(emb_dir, x, caplog, "checksum")
+    # The CLI: one warning line, exact results, exit 0.
+    caplog.clear()
+    code = cli_main(["search", "--embeddings", str(emb_dir), "--json", "--vectors", "x", "q"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "IndexError" not in err
+    assert sum("Searching exactly" in r.getMessage() for r in caplog.records) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1  # then only the --vectors error
+
+
+@pytest.mark.parametrize(
+    "meta_text, want",
+    [
+        ("{garbage", "not JSON"),
+        ("", "not JSON"),
+        ("{}", "no index description"),
+        ("[1, 2]", "no index description"),
+        ('{"kind": "flat", "params": {"nprobe": "many"}}', "impossible"),
+        ('{"kind": "flat", "params": {"efSearch": -5}}', "impossible"),
+        ('{"kind": "bogus"}', "kind"),
+        ('{"kind": "flat", "params": {}}', "no checksums"),
+    ],
+)
+def test_unreadable_or_impossible_index_json_means_exact_search(emb, caplog, meta_text, want):
+    emb_dir, x = emb
+    r = ann.build_index(emb_dir, kind="flat", local=True, queries=50)
+    (r.folder / ann.INDEX_META).write_text(meta_text)
+    _exact_fallback(emb_dir, x, caplog, want)
+
+
+def test_impossible_nprobe_and_bad_vectors_file_mean_exact_search(emb, caplog):
+    import json
+
+    emb_dir, x = emb
+    r = ann.build_index(emb_dir, kind="ivf-pq", target_recall=0.9, local=True, queries=100)
+    meta_path = r.folder / ann.INDEX_META
+    good = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**good, "params": {**good["params"], "nprobe": 10**6}}))
+    _exact_fallback(emb_dir, x, caplog, "impossible")
+    # An empty or odd-sized vectors.f32, its checksum record matching (a bad build, not a flip).
+    vectors = r.folder / ann.VECTORS_FILE
+    data = vectors.read_bytes()
+    for body in (b"", data[:-3]):
+        vectors.write_bytes(body)
+        files = {
+            **good["files"],
+            "vectors.f32": {"bytes": len(body), "sha256": ann.file_sha256(vectors)},
+        }
+        meta_path.write_text(json.dumps({**good, "files": files}))
+        _exact_fallback(emb_dir, x, caplog, "vectors.f32 holds")
+
+
+def test_an_index_that_fails_at_search_time_answers_exactly(emb, caplog, monkeypatch):
+    emb_dir, x = emb
+    ann.build_index(emb_dir, kind="flat", local=True, queries=50)
+    index = Index.open(emb_dir)
+    assert index.info()["search"].startswith("flat")
+
+    def broken(*a, **kw):
+        raise IndexError("index 123456789 is out of bounds")
+
+    monkeypatch.setattr(index._base.ann, "search", broken)
+    with caplog.at_level("WARNING"):
+        hits = index.search_vectors(x[:5], 3)
+    assert hits == Index.open(emb_dir, exact=True).search_vectors(x[:5], 3)
+    assert index.info()["search"] == "exact"
+    assert sum("Searching exactly" in r.getMessage() for r in caplog.records) == 1

@@ -290,3 +290,12 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
         assert EmbeddingIndex.open(out).ann is not None
     # The previous version is still complete for a reader that opened it earlier.
     assert len(EmbeddingIndex.open(out, before.version)) == 24
+    # With --keep-versions 1 the index is carried before the old version is removed.
+    third = ["--incremental", "--keep-versions", "1", "--batch-size", "4", *RAY_FLAGS]
+    assert cli.main(["embed", *args, *third]) == 0
+    printed = capsys.readouterr().out
+    latest = read_manifest(out)["version"]
+    assert sorted(p.name for p in (out / VERSIONS_DIR).iterdir()) == [latest]
+    if has_faiss:
+        assert f"Index updated from {manifest['version']}: flat" in printed
+        assert ann.load(out / VERSIONS_DIR / latest, expect_rows=26).rows == 26

@@ -125,7 +125,9 @@ def test_each_wording_puts_a_class_into_words():
     assert class_texts(goldfish, "gloss")[0].startswith("goldfish: small golden or orange-red")
     assert class_texts(goldfish, "names-gloss")[0].startswith("goldfish, carassius auratus: small")
     (dress,) = describe([ClassInfo("dress", ["dress"])])  # a folder name: WordNet's noun
-    assert class_texts(dress, "gloss") == ["dress: a one-piece garment for a woman; has skirt and bodice"]
+    assert class_texts(dress, "gloss") == [
+        "dress: a one-piece garment for a woman; has skirt and bodice"
+    ]
     (odd,) = describe([ClassInfo("qwzx", ["qwzx"])])  # no WordNet noun: its name alone
     assert class_texts(odd, "gloss") == ["qwzx"]
     with pytest.raises(ValueError, match="wording"):
@@ -136,7 +138,9 @@ def test_a_class_text_file_replaces_wordnet_descriptions(tmp_path):
     from devise.labels import class_texts, describe, read_class_text
 
     f = tmp_path / "classes.tsv"
-    f.write_text("# class<TAB>description\nn01443537\ta small orange pond fish\n\nsandal\topen shoe\n")
+    f.write_text(
+        "# class<TAB>description\nn01443537\ta small orange pond fish\n\nsandal\topen shoe\n"
+    )
     texts = read_class_text(f)
     assert texts == {"n01443537": "a small orange pond fish", "sandal": "open shoe"}
     fish, sandal = describe([ClassInfo("n01443537", []), ClassInfo("x", ["sandal"])], texts)

@@ -129,6 +129,19 @@ def test_montage_draws_one_row_per_query(emb_dir, word_vectors, tmp_path, capsys
     assert montage(hits, tmp_path / "m2.png").exists()
 
 
+@pytest.mark.parametrize("name", ["folder", "montage", "afile/m.png"])
+def test_bad_montage_names_fail_in_one_line_before_searching(emb_dir, tmp_path, capsys, name):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    rc = cli.main(
+        ["search", "cat", "--embeddings", str(emb_dir), "--montage", str(tmp_path / name)]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--montage" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x" and not list((tmp_path / "folder").iterdir())
+
+
 def test_unknown_word_is_one_line_with_spellings(emb_dir, capsys):
     rc = cli.main(["search", "kiten", "--embeddings", str(emb_dir)])
     err = capsys.readouterr().err.strip()

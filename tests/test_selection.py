@@ -52,7 +52,7 @@ def test_the_wording_whose_class_vectors_carry_structure_wins():
     unrelated = _unit(rng.normal(size=(10, 8))).astype(np.float32)
     feat_centre = rng.normal(size=(2, 16)) * 4
     y = np.repeat(np.arange(10), 40)
-    x = (feat_centre[groups][y] + rng.normal(size=(10, 16))[y] + rng.normal(size=(400, 16)))
+    x = feat_centre[groups][y] + rng.normal(size=(10, 16))[y] + rng.normal(size=(400, 16))
     cands = [Candidate("unrelated", unrelated), Candidate("structured", structured)]
     choice = choose(x.astype(np.float32), y, cands, _ridge_head, draws=3)
     assert choice.wording == "structured" and choice.conse_weight == 0.0

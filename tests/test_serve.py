@@ -53,13 +53,18 @@ def _free_port() -> int:
 def service(ray_local, tmp_path_factory):
     from ray import serve
 
-    from devise.serve import ServiceConfig, start
+    from devise.serve import LOOPBACK_NAMES, ServiceConfig, start
 
     root = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEVISE_HOME", str(root / "home"))
         data = make_searchable(root)
-        config = ServiceConfig(embeddings=str(data["emb"]), poll_s=POLL_S, max_upload_mb=0.05)
+        config = ServiceConfig(
+            embeddings=str(data["emb"]),
+            poll_s=POLL_S,
+            max_upload_mb=0.05,
+            allowed_hosts=list(LOOPBACK_NAMES),
+        )
         url = start(config, "127.0.0.1", _free_port(), replicas=2, cpus_per_replica=0.25)
         try:
             yield {**data, "url": url}
@@ -145,6 +150,31 @@ def test_bad_requests_get_a_one_line_json_4xx(service):
         assert body["error"] and "\n" not in body["error"], name
     assert "kitten" in cases[6][1].json()["error"]  # the nearest spelling is suggested
     assert _get(service, "/healthz").text == "ok"  # still serving
+
+
+def test_the_request_guard_works_behind_the_serve_proxy(service):
+    """HEAD, Allow, the Host allow-list, the caps and an upload refused by its Content-Length
+    before it is read, through Ray Serve's HTTP proxy (not only the app in-process)."""
+    url = service["url"]
+    head = requests.head(url + "/api/info", timeout=60)
+    assert head.status_code == 200 and head.content == b""
+    r = requests.post(url + "/api/info", timeout=60)
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    r = requests.get(url + "/api/info", headers={"Host": "rebound.example"}, timeout=60)
+    assert r.status_code == 421 and list(r.json()) == ["error"]
+    r = requests.get(url + "/api/search", params={"q": ["dog"] * 8000}, timeout=60)
+    assert r.status_code == 400 and "at most" in r.json()["error"]
+    info = requests.get(url + "/api/info", timeout=60).json()
+    assert info["embeddings"] == "emb"
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(
+            b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 314572800\r\n\r\n"  # 300 MB announced, none of it sent
+        )
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
 
 
 def test_page_in_a_real_browser(service, tmp_path):

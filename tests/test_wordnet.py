@@ -17,7 +17,9 @@ def test_a_tiny_imagenet_wnid_has_its_lemmas_gloss_and_hypernyms():
 def test_imagenet1k_is_in_classifier_order():
     ids = wordnet.imagenet1k()
     assert len(ids) == 1000 == len(set(ids))
-    assert wordnet.synset(ids[0]).name == "tench" and wordnet.synset(ids[-1]).name == "toilet tissue"
+    assert (
+        wordnet.synset(ids[0]).name == "tench" and wordnet.synset(ids[-1]).name == "toilet tissue"
+    )
 
 
 def test_a_folder_name_gets_its_most_common_noun_sense():

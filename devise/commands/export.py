@@ -9,12 +9,18 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="write the current embeddings version as one flat parquet file",
-        description="One parquet file: id (the row id search returns), path, label, "
+        description="One parquet file: id (the 16-hex id search returns), row (the row "
+        "number in the version), path, label, "
         "class_name, embedding (float32 fixed-size list, FLOAT[D] in DuckDB), for DuckDB, "
         "pandas or faiss.",
     )
     p.add_argument("embeddings", metavar="EMB", help="embeddings folder (EMB_DIR)")
-    p.add_argument("--to", required=True, metavar="FILE.parquet", help="output file")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="FILE.parquet",
+        help="output file (a new name or a regular file, outside every embeddings folder)",
+    )
     p.add_argument("--version", help="export this version instead of the current one")
     p.set_defaults(func=run)
 

@@ -30,7 +30,7 @@ def add_cli(subparsers) -> None:
         "--poll-seconds",
         type=float,
         default=2.0,
-        help="how often replicas look for a newly committed version",
+        help="how often replicas look for a newly committed version (at least 0.05)",
     )
     p.add_argument(
         "--max-upload-mb",
@@ -42,6 +42,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="model folder for image queries (default: the one embedded)")
     p.add_argument(
         "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
+    )
+    p.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="name the server's embeddings folder in /api/info and in error replies",
     )
     p.set_defaults(func=run)
 
