@@ -272,7 +272,7 @@ class Index:
 
     def warm(self) -> None:
         """Load the text space and its encoder now, so that the first query does not wait."""
-        load = getattr(self._text_space(), "model", None)
+        load = getattr(self._text_space(), "warm", None)  # a word table has nothing to load
         if callable(load):
             load()
 

@@ -237,6 +237,13 @@ class SentenceEncoderSpace(TextSpace):
                 )
             return self._onnx
 
+    def warm(self) -> None:
+        """Load the encoder this space uses now (onnxruntime's, else sentence-transformers')."""
+        if self.engine == "onnx":
+            self.onnx_encoder()
+        else:
+            self.model()
+
     def encode_uncached(self, texts: list[str]) -> np.ndarray:
         """(N,) texts -> (N, D) float32 unit vectors from the encoder itself (no cache)."""
         if self.engine == "onnx":

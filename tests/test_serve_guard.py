@@ -295,7 +295,7 @@ def test_a_replica_warms_the_text_encoder_before_it_answers(data, monkeypatch):
     class Space:  # an encoder that loads on first use, as a sentence encoder does
         open_vocabulary = True
 
-        def model(self):
+        def warm(self):
             loaded.append(time.monotonic())
 
     monkeypatch.setattr(Index, "_text_space", lambda self: Space())
