@@ -30,6 +30,7 @@ class ClassInfo:
     key: str
     names: list[str] = field(default_factory=list)
     description: str = ""
+    kind_of: list[str] = field(default_factory=list)  # WordNet hypernyms, nearest first
 
 
 def class_texts(info: ClassInfo, wording: str) -> list[str]:
@@ -44,6 +45,10 @@ def class_texts(info: ClassInfo, wording: str) -> list[str]:
     if wording == "names" or not info.description:
         return names
     if wording == "gloss":
+        return [f"{names[0]}: {info.description}"]
+    if wording == "hypernyms-gloss" and info.kind_of:
+        return [f"{names[0]} ({', '.join(info.kind_of)}): {info.description}"]
+    if wording == "hypernyms-gloss":
         return [f"{names[0]}: {info.description}"]
     return [f"{', '.join(names)}: {info.description}"]
 
@@ -60,6 +65,7 @@ def describe(classes: Sequence[ClassInfo], texts: dict[str, str] | None = None) 
     for info in classes:
         names = list(info.names)
         description = info.description
+        kind_of = list(info.kind_of)
         wnid = info.key if wordnet.is_wnid(info.key) else None
         if wnid is None and names:
             wnid = wordnet.noun_for_name(names[0])
@@ -68,9 +74,10 @@ def describe(classes: Sequence[ClassInfo], texts: dict[str, str] | None = None) 
             if not names:
                 names = [n.lower() for n in syn.lemmas]
             description = description or syn.gloss
+            kind_of = kind_of or wordnet.hypernym_chain(wnid)
         name = names[0] if names else info.key
         description = texts.get(info.key) or texts.get(name) or description
-        out.append(ClassInfo(info.key, names, description))
+        out.append(ClassInfo(info.key, names, description, kind_of))
     return out
 
 

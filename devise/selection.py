@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 # Blend weights tried for the ConSE branch (0: the trained projection alone).
 CONSE_WEIGHTS = tuple(round(float(x), 2) for x in np.linspace(0.0, 1.0, 11))
+# Wordings "auto" tries with a sentence encoder (each costs an auxiliary head a draw): a class's
+# name, and name + description with and without the hypernym chain (labels.WORDINGS).
+AUTO_WORDINGS = ("name", "gloss", "hypernyms-gloss")
+# Rows a class an auxiliary head trains on while choosing (enough to rank the candidates).
+ROWS_PER_CLASS = 60
 # Calibration constants tried when scoring a candidate (coarser than evaluation's grid).
 GAMMAS = np.linspace(-0.3, 0.6, 46)
 
@@ -64,6 +69,15 @@ def conse_embed(probs: np.ndarray, label_vectors: np.ndarray, top: int = 10) -> 
     return _unit(np.einsum("nt,ntd->nd", w, label_vectors[idx]))
 
 
+def _at_most_per_class(targets: np.ndarray, rows: np.ndarray, n: int, rng) -> np.ndarray:
+    """(N,) bool: a random n of each class's selected rows (all of them when fewer)."""
+    keep = np.zeros(len(targets), bool)
+    for c in np.unique(targets[rows]):
+        idx = np.flatnonzero(rows & (targets == c))
+        keep[rng.permutation(idx)[:n]] = True
+    return keep
+
+
 def best_h(scores: np.ndarray, targets: np.ndarray, is_unseen: np.ndarray, unseen_classes) -> float:
     """The best H over GAMMAS (calibrated stacking) for (N, C) scores."""
     from devise.metrics import generalized_zero_shot
@@ -81,7 +95,7 @@ def choose(
     probs: np.ndarray | None = None,
     conse_top: int = 10,
     weights: Sequence[float] | None = None,
-    draws: int = 3,
+    draws: int = 2,
     seed: int = 0,
 ) -> Choice:
     """Pick the wording and ConSE weight with the best mean H over pseudo-unseen draws.
@@ -106,6 +120,7 @@ def choose(
         is_pseudo = pseudo[targets]
         fit = ~is_pseudo & (rng.random(len(targets)) < 0.8)
         val = ~fit
+        fit &= _at_most_per_class(targets, fit, ROWS_PER_CLASS, rng)
         seen_idx = np.flatnonzero(~pseudo)
         remap = np.full(n_classes, -1)
         remap[seen_idx] = np.arange(len(seen_idx))
@@ -209,12 +224,10 @@ def plan(
     on the training rows (features, targets index into keys). Without training features
     (online mode) "auto" means the class name and no ConSE. Returns the choice and the chosen
     wording's candidate (class matrix over keys, label vectors)."""
-    from devise.labels import WORDINGS
-
     if class_text != "auto":
         wordings = [class_text]
     elif getattr(space, "open_vocabulary", False):
-        wordings = list(WORDINGS)
+        wordings = list(AUTO_WORDINGS)
     else:  # a word table averages a description's words into mush: names only
         wordings = ["name", "names"]
     if labels is None:

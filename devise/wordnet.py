@@ -22,8 +22,31 @@ TABLE = "data/wordnet.json.gz"
 #   names        the mean of its names' encodings ("goldfish", "carassius auratus")
 #   gloss        "name: description" ("goldfish: small golden or orange-red freshwater fishes...")
 #   names-gloss  "name, name2: description"
+#   hypernyms-gloss  "name (what it is a kind of, up the WordNet chain): description"
+#                ("goose (anseriform bird, waterfowl, aquatic bird, bird, ...): web-footed ...")
 # Descriptions are WordNet's glosses (this table) or the user's --class-text-file.
-WORDINGS = ("name", "names", "gloss", "names-gloss")
+WORDINGS = ("name", "names", "gloss", "names-gloss", "hypernyms-gloss")
+
+# Hypernyms too general to say what a class is; a chain stops before the first of them.
+_TOO_GENERAL = frozenset(
+    [
+        "entity",
+        "physical entity",
+        "object",
+        "whole",
+        "abstraction",
+        "artifact",
+        "living thing",
+        "organism",
+        "matter",
+        "instrumentality",
+        "thing",
+        "causal agent",
+        "unit",
+        "part",
+    ]
+)
+CHAIN_LENGTH = 6
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,23 @@ def noun_for_name(name: str) -> str | None:
     key = " ".join(name.replace("_", " ").lower().split())
     ranked = [w for w in _table()["senses"].get(key, []) if w in hits]
     return ranked[0] if ranked else None
+
+
+def hypernym_chain(wnid: str, length: int = CHAIN_LENGTH) -> list[str]:
+    """The names of what wnid is a kind of, nearest first, along its first hypernyms, stopping
+    before the most general ones ("entity", "object", "artifact", "organism", ...)."""
+    out: list[str] = []
+    key = wnid
+    while len(out) < length:
+        parents = _table()["synsets"][key]["h"]
+        if not parents:
+            break
+        key = parents[0]
+        name = _table()["synsets"][key]["l"][0]
+        if name in _TOO_GENERAL:
+            break
+        out.append(name)
+    return out
 
 
 def covers(concept: str, wnid: str) -> bool:

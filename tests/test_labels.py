@@ -124,6 +124,7 @@ def test_each_wording_puts_a_class_into_words():
     assert class_texts(goldfish, "names") == ["goldfish", "carassius auratus"]
     assert class_texts(goldfish, "gloss")[0].startswith("goldfish: small golden or orange-red")
     assert class_texts(goldfish, "names-gloss")[0].startswith("goldfish, carassius auratus: small")
+    assert class_texts(goldfish, "hypernyms-gloss")[0].startswith("goldfish (cyprinid, ")
     (dress,) = describe([ClassInfo("dress", ["dress"])])  # a folder name: WordNet's noun
     assert class_texts(dress, "gloss") == [
         "dress: a one-piece garment for a woman; has skirt and bodice"
