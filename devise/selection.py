@@ -143,7 +143,7 @@ def choose(
     ]
     # Ties go to the earlier candidate and the smaller weight (the simpler model).
     best = max(table, key=lambda r: r["H"])
-    log.info("Chose class text %s, ConSE weight %.1f (H %.1f)", best["wording"],
+    log.debug("Chose class text %s, ConSE weight %.1f (H %.1f)", best["wording"],
              best["conse_weight"], best["H"])  # fmt: skip
     return Choice(best["wording"], best["conse_weight"], best["H"], table, draws)
 
