@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class ModelActor:
     """Ray Data actor: frozen backbone (+ optional DeViSE head) on uint8 image batches.
 
     Loads the model once in __init__; __call__ replaces the `image` column with `feature`
-    (float16 backbone features) or `embedding` (float32, L2-normalised head output).
+    (float16 backbone features) or `embedding` (float32, L2-normalised head output), and under
+    Ray adds `node`, the Ray node that ran the model (which nodes a job used).
     """
 
     def __init__(
@@ -202,6 +204,10 @@ class ModelActor:
 
             self.head = load_model(head_dir).to(self.device).eval()
         self.out_dim = self.head.spec.out_dim if self.head else self.backbone.info.feature_dim
+        ray = sys.modules.get("ray")  # not imported: not under Ray (the local executor)
+        self.node = (
+            ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
+        )
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -209,6 +215,8 @@ class ModelActor:
         ok = batch["error"] == ""
         name = "embedding" if self.head is not None else "feature"
         dtype = np.float32 if self.head is not None else np.float16
+        if self.node is not None:
+            batch["node"] = np.full(len(ok), self.node)
         if ok.all():
             out = forward_images(self.backbone, self.head, to_device(images, self.device))
             batch[name] = out.cpu().numpy().astype(dtype, copy=False)

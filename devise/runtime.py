@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a recorded Ray address to answer before saying it does not.
 PROBE_TIMEOUT_S = 3.0
 LOCAL = "local"
+# How a stage's workers are placed on the cluster's nodes (Ray placement group strategies):
+# PACK fills a node first (fast collectives), SPREAD puts them on different nodes where it can
+# (one lost node takes fewer workers with it), STRICT_* refuse to start otherwise.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class RayUnavailableError(DeviseError):
@@ -131,11 +135,13 @@ def add_ray_args(
     workers_help: str = "Ray workers",
     num_workers: int = 2,
     local_help: str | None = None,
+    placement: bool = False,
 ) -> None:
     """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
 
     local_help: when given, the stage also takes --local (run in this process without Ray);
-    start it with LOCAL_HELP so the flag reads the same everywhere.
+    start it with LOCAL_HELP so the flag reads the same everywhere. placement: the stage's
+    workers form a placement group, and --placement-strategy says how it spreads over nodes.
     """
     g = parser.add_argument_group("Ray resources")
     g.add_argument(
@@ -161,6 +167,16 @@ def add_ray_args(
         help="Ray cluster to join; 'local' starts a fresh local Ray (default: RAY_ADDRESS, "
         "else the cluster `ray start` recorded on this machine, else a new local Ray)",
     )
+    if placement:
+        g.add_argument(
+            "--placement-strategy",
+            default="PACK",
+            type=str.upper,
+            choices=PLACEMENT_STRATEGIES,
+            help="how the workers spread over the cluster's nodes: PACK (fill a node first), "
+            "SPREAD (different nodes where possible, so losing one node loses fewer workers), "
+            "STRICT_SPREAD (different nodes or wait for them), STRICT_PACK (one node)",
+        )
     if local_help:
         g.add_argument("--local", action="store_true", help=local_help)
 
