@@ -300,3 +300,42 @@ def init_ray(
         ) from e
     console.filter_worker_echo()
     console.quiet_ray_data()
+
+
+def unseen_on_nodes(folder: str | os.PathLike, timeout: float = 60.0) -> list[str]:
+    """The alive nodes of this process's Ray cluster that do not see `folder` (empty on a
+    one-node cluster). A marker file written here is looked for by a zero-CPU task pinned to
+    each other node; a node that does not answer within timeout is not counted."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".devise-shared-{uuid.uuid4().hex}"
+    marker.write_text("written by the driver; a task on every node looks for it\n")
+    try:
+        sees = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+        refs = {
+            n["NodeID"]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in others
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        unseen = []
+        for node, ref in refs.items():
+            if ref in ready:
+                try:
+                    if not ray.get(ref):
+                        unseen.append(node)
+                except ray.exceptions.RayError:  # the node went away meanwhile
+                    pass
+        return unseen
+    finally:
+        marker.unlink(missing_ok=True)

@@ -618,6 +618,20 @@ def _features(config: TrainConfig, catalog: pd.DataFrame, image_size: int):
     )
 
 
+def _check_shared(storage: str) -> None:
+    """Ray Train's workers write checkpoints where they run, and a restarted worker reads them
+    wherever it lands: on several nodes a local folder must be one that every node mounts."""
+    from devise.runtime import unseen_on_nodes
+
+    unseen = unseen_on_nodes(storage)
+    if unseen:
+        raise TrainError(
+            f"The checkpoint folder {storage} is not visible on {len(unseen)} of the cluster's "
+            f"nodes (e.g. node {unseen[0][:12]}); on a multi-node cluster pass --storage a folder "
+            "every node mounts (NFS) or an object-store URI such as s3://bucket/prefix."
+        )
+
+
 def _fit_ray(
     config: TrainConfig, loop_cfg: LoopConfig, arrays: dict, storage: str, name: str, run_dir: Path
 ) -> tuple[dict, str | None]:
@@ -712,6 +726,8 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
 
         init_ray(config.address)
         after_ray_init()
+        if "://" not in storage:
+            _check_shared(storage)
     workers = 1 if config.local else config.num_workers
 
     arrays: dict = {}

@@ -47,6 +47,7 @@ class LocalCluster:
     workers: list[Node] = field(default_factory=list)
     gcs_port: int = 0
     started_s: float = 0.0
+    count: int = 0  # worker nodes started, for unique names
 
     @property
     def address(self) -> str:
@@ -91,13 +92,14 @@ class LocalCluster:
         )  # fmt: skip
         self._wait_started(self.head)
         for _ in range(workers):
-            self._wait_started(self._add(cpus))
+            self._join(cpus)
         self.identify()
         self.started_s = time.monotonic() - t0
         return self
 
     def _add(self, cpus: float) -> Node:
-        name = f"worker{len(self.workers)}"
+        self.count += 1
+        name = f"worker{self.count}"
         node = self._start(
             name,
             [f"--address={self.address}", f"--num-cpus={cpus}", f'--resources={{"{name}": 1}}'],
@@ -105,10 +107,24 @@ class LocalCluster:
         self.workers.append(node)
         return node
 
+    def _join(self, cpus: float, tries: int = 3) -> Node:
+        """A worker node, started again when it gives up: `ray start` waits a fixed 30 s for
+        its raylet to register, which a machine busy with other tests can exceed."""
+        for attempt in range(tries):
+            node = self._add(cpus)
+            try:
+                self._wait_started(node)
+                return node
+            except RuntimeError:
+                _killpg(node.proc, signal.SIGKILL)
+                self.workers.remove(node)
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def add_worker(self, cpus: float = 1) -> Node:
         """Join one more worker node (the way a replacement machine joins)."""
-        node = self._add(cpus)
-        self._wait_started(node)
+        node = self._join(cpus)
         self.identify()
         return node
 
