@@ -26,7 +26,7 @@ from ray_cluster import LocalCluster
 
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
-from devise.store import Store, read_errors, read_manifest, read_version
+from devise.store import Store, read_errors, read_version
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -211,8 +211,8 @@ def _check_version(out: Path, inputs: dict) -> dict:
     """Every input exactly once: the good images as rows (no path twice), the broken one in
     errors.parquet; one committed version. Returns its manifest."""
     good = {str(p.resolve()) for p in inputs["images"].rglob("img_*.png")}
-    manifest = read_manifest(out)
-    paths = read_version(out).column("path").to_pylist()
+    manifest, table = read_version(out, columns=["path"])
+    paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(good) and set(paths) == good
     errors = read_errors(out)
     assert errors["path"].tolist() == [str(inputs["images"] / "c0" / "broken.png")]
