@@ -60,6 +60,13 @@ class IndexBuildError(EmbedError):
 AnnError = IndexBuildError
 
 
+class IndexTasksLostError(IndexBuildError):
+    """The build's Ray tasks were lost (their nodes or workers died) past their retries; nothing
+    was committed and a rerun can succeed."""
+
+    EXIT_CODE = 75  # EX_TEMPFAIL: as a skipped scheduled run, try again later
+
+
 def _faiss():
     from devise.extras import require
 
@@ -401,7 +408,7 @@ class _Runner:
             raise  # the task's own error (an IndexBuildError says what to do)
         except RayError as e:  # a node or worker lost past the retries
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise IndexBuildError(
+            raise IndexTasksLostError(
                 f"Building the index of {self.what} lost its Ray tasks ({type(e).__name__}: "
                 f"{first}); nothing was committed and its search is as before: rerun "
                 "`devise index`."

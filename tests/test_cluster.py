@@ -361,7 +361,7 @@ def test_index_build_survives_losing_a_node_or_commits_nothing(cluster, emb, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    assert proc.returncode == 75  # ann.IndexTasksLostError: try again later
     line = stderr.strip().splitlines()[-1]
     assert "nothing was committed" in line and "rerun `devise index`" in line, stderr[-3000:]
     assert "Traceback" not in stderr
