@@ -81,17 +81,24 @@ class LocalCluster:
     def start(self, workers: int = 2, cpus: float = 1, head_cpus: float = 0) -> LocalCluster:
         """Start the head, then `workers` worker nodes one by one; wait until all are alive."""
         t0 = time.monotonic()
-        self.gcs_port, client, dashboard = free_ports(3)
-        self.head = self._start(
-            "head",
-            [
-                "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
-                "--include-dashboard=false", f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}",
-                f"--temp-dir={self.temp_dir}", '--resources={"head": 1}',
-            ],
-        )  # fmt: skip
-        self._wait_started(self.head)
+        for attempt in range(3):  # as _join: a busy machine can outlast `ray start`'s 30 s
+            self.gcs_port, client, dashboard = free_ports(3)
+            self.head = self._start(
+                "head",
+                [
+                    "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
+                    "--include-dashboard=false", f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}",
+                    f"--temp-dir={self.temp_dir}", '--resources={"head": 1}',
+                ],
+            )  # fmt: skip
+            try:
+                self._wait_started(self.head)
+                break
+            except RuntimeError:
+                _killpg(self.head.proc, signal.SIGKILL)
+                if attempt == 2:
+                    raise
         for _ in range(workers):
             self._join(cpus)
         self.identify()
