@@ -61,6 +61,13 @@ class IndexBuildError(EmbedError):
 AnnError = IndexBuildError
 
 
+class IndexTasksLostError(IndexBuildError):
+    """The build's Ray tasks were lost (their nodes or workers died) past their retries; nothing
+    was committed and a rerun can succeed."""
+
+    EXIT_CODE = 75  # EX_TEMPFAIL: as a skipped scheduled run, try again later
+
+
 def _faiss():
     from devise.extras import require
 
@@ -361,22 +368,54 @@ def _groups(parts: Sequence[tuple[Path, int, int]], n: int) -> list[list[tuple[s
     return [g for g in groups if g]
 
 
-class _Runner:
-    """Runs a shard function over tasks as Ray tasks, or in this process (`local`). `shared`
-    keyword arguments (trained indexes, queries) are put in Ray's object store once."""
+# A task lost with its node or worker process runs again on another node, up to this many
+# times (Ray's default). Its work is idempotent: a shard is rebuilt from the parts, and its
+# rows land at the same offsets of the vectors file.
+TASK_RETRIES = 3
 
-    def __init__(self, local: bool, cpus_per_task: float):
+
+def _on_node(fn: Callable, *args, **kwargs) -> tuple[str, object]:
+    """(the Ray node this task ran on, fn's result): a Ray task."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(*args, **kwargs)
+
+
+class _Runner:
+    """Runs a shard function over tasks as Ray tasks spread over the cluster's nodes, or in
+    this process (`local`). `shared` keyword arguments (trained indexes, queries) are put in
+    Ray's object store once. nodes: the Ray nodes that ran tasks. A task that cannot finish
+    even after its retries (its nodes lost) ends the build with one IndexBuildError line."""
+
+    def __init__(self, local: bool, cpus_per_task: float, what: str = "the version"):
         self.local = local
         self.cpus_per_task = cpus_per_task
+        self.what = what
+        self.nodes: set[str] = set()
 
     def map(self, fn: Callable, tasks: Sequence[tuple], shared: dict) -> list:
         if self.local:
             return [fn(*args, **shared) for args in tasks]
         import ray
+        from ray.exceptions import RayError, RayTaskError
 
-        remote = ray.remote(num_cpus=self.cpus_per_task)(fn)
+        remote = ray.remote(
+            num_cpus=self.cpus_per_task, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD"
+        )(_on_node)
         refs = {k: ray.put(v) for k, v in shared.items()}
-        return ray.get([remote.remote(*args, **refs) for args in tasks])
+        try:
+            done = ray.get([remote.remote(fn, *args, **refs) for args in tasks])
+        except RayTaskError:
+            raise  # the task's own error (an IndexBuildError says what to do)
+        except RayError as e:  # a node or worker lost past the retries
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise IndexTasksLostError(
+                f"Building the index of {self.what} lost its Ray tasks ({type(e).__name__}: "
+                f"{first}); nothing was committed and its search is as before: rerun "
+                "`devise index`."
+            ) from None
+        self.nodes.update(node for node, _ in done)
+        return [out for _, out in done]
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, self_ids: np.ndarray, k: int) -> float:
@@ -734,7 +773,7 @@ def _build(
     if not 0.0 < target_recall <= 1.0:
         raise AnnError(f"--target-recall must be in (0, 1], not {target_recall}.")
     kind = KINDS[choose_kind(kind_name, rows)]
-    runner = _Runner(local, cpus_per_task)
+    runner = _Runner(local, cpus_per_task, version.name)
     groups = _groups(version.parts, num_tasks)
     rng = np.random.default_rng(seed)
 
@@ -796,6 +835,7 @@ def _build(
         "tuning": trials,
         "train_rows": len(train),
         "tasks": len(groups),
+        "nodes": sorted(runner.nodes),  # the Ray nodes that ran its tasks (none: --local)
         "bytes_per_vector": round(ann.bytes_per_vector(), 1),
         "seconds": {
             "sample": round(t_train - t0, 2),
@@ -975,7 +1015,7 @@ def update_index(
         shared = {"queries": query_vecs, "k": DEFAULT_K + 1}
         if old.vectors is not None:
             shared["vectors_path"] = str(_vectors_file(tmp, new.rows, new.dim))
-        runner = _Runner(local, cpus_per_task)
+        runner = _Runner(local, cpus_per_task, new.name)
         exact_s = np.full((n_q, 0), -np.inf, np.float32)
         exact_i = np.full((n_q, 0), -1, np.int64)
         for sh in runner.map(build_shard, [(g,) for g in _groups(new.parts, num_tasks)], shared):

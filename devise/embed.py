@@ -139,6 +139,7 @@ class EmbedResult:
     base_version: str | None = None
     repaired: tuple[str, ...] = ()  # damaged versions moved to EMB_DIR/damaged
     index: str | None = None  # the approximate index carried from the previous version
+    nodes: dict[str, int] | None = None  # rows this run embedded on each Ray node
 
 
 # EmbedConfig fields passed on to the pipeline as they are.
@@ -205,6 +206,7 @@ def embed(
         fresh = ~row_keys(plan.todo).map(lambda k: k in staged).to_numpy(dtype=bool)
         resumed = int(len(plan.todo) - fresh.sum())
         run_table = plan.todo[fresh].reset_index(drop=True)
+        nodes: dict[str, int] = {}
         log.info(
             f"{store.root}: {len(table)} inputs, {len(run_table)} to embed ({resumed} already "
             f"staged), {len(plan.keep)} unchanged, {len(plan.missing)} missing, "
@@ -230,6 +232,9 @@ def embed(
             feed = pd.DataFrame({"path": run_table["path"], "row": np.arange(len(run_table))})
             for batch in progress(run(feed, pconfig), len(feed), "embedding"):
                 writer.add(batch)
+                if "node" in batch:
+                    for node, n in zip(*np.unique(batch["node"], return_counts=True)):
+                        nodes[str(node)] = nodes.get(str(node), 0) + int(n)
             writer.flush()
             if not writer.done.all():
                 raise EmbedError(
@@ -248,6 +253,7 @@ def embed(
             },
             "host": socket.gethostname(),
             "resumed": resumed,
+            "nodes": nodes,  # rows this run embedded on each Ray node (empty: none or local)
         }
         name, manifest = store.commit(
             staging,
@@ -278,6 +284,7 @@ def embed(
         base_version=plan.base.version if plan.base is not None else None,
         repaired=tuple(plan.damaged),
         index=index_line,
+        nodes=nodes,
     )
 
 

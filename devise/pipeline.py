@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -182,7 +183,8 @@ class ModelActor:
     """Ray Data actor: frozen backbone (+ optional DeViSE head) on uint8 image batches.
 
     Loads the model once in __init__; __call__ replaces the `image` column with `feature`
-    (float16 backbone features) or `embedding` (float32, L2-normalised head output).
+    (float16 backbone features) or `embedding` (float32, L2-normalised head output), and under
+    Ray adds `node`, the Ray node that ran the model (which nodes a job used).
 
     engine: "onnx" runs the backbone on onnxruntime (devise.engines.OnnxBackbone; CPU only),
     "torch" on torch, "auto" picks onnx on the CPU and torch on a GPU. The head stays on torch
@@ -217,6 +219,10 @@ class ModelActor:
 
             self.head = load_model(head_dir).to(self.device).eval()
         self.out_dim = self.head.spec.out_dim if self.head else self.backbone.info.feature_dim
+        ray = sys.modules.get("ray")  # not imported: not under Ray (the local executor)
+        self.node = (
+            ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
+        )
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, 3) -> float32 (B, F) features or (B, D) head embeddings."""
@@ -235,6 +241,8 @@ class ModelActor:
         ok = batch["error"] == ""
         name = "embedding" if self.head is not None else "feature"
         dtype = np.float32 if self.head is not None else np.float16
+        if self.node is not None:
+            batch["node"] = np.full(len(ok), self.node)
         if ok.all():
             batch[name] = self.forward(images).astype(dtype, copy=False)
             return batch

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a recorded Ray address to answer before saying it does not.
 PROBE_TIMEOUT_S = 3.0
 LOCAL = "local"
+# How a stage's workers are placed on the cluster's nodes (Ray placement group strategies):
+# PACK fills a node first (fast collectives), SPREAD puts them on different nodes where it can
+# (one lost node takes fewer workers with it), STRICT_* refuse to start otherwise.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class RayUnavailableError(DeviseError):
@@ -134,11 +138,13 @@ def add_ray_args(
     workers_help: str = "Ray workers",
     num_workers: int = 2,
     local_help: str | None = None,
+    placement: bool = False,
 ) -> None:
     """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
 
     local_help: when given, the stage also takes --local (run in this process without Ray);
-    start it with LOCAL_HELP so the flag reads the same everywhere.
+    start it with LOCAL_HELP so the flag reads the same everywhere. placement: the stage's
+    workers form a placement group, and --placement-strategy says how it spreads over nodes.
     """
     g = parser.add_argument_group("Ray resources")
     g.add_argument(
@@ -171,6 +177,16 @@ def add_ray_args(
         help="Ray cluster to join; 'local' starts a fresh local Ray (default: RAY_ADDRESS, "
         "else the cluster `ray start` recorded on this machine, else a new local Ray)",
     )
+    if placement:
+        g.add_argument(
+            "--placement-strategy",
+            default="PACK",
+            type=str.upper,
+            choices=PLACEMENT_STRATEGIES,
+            help="how the workers spread over the cluster's nodes: PACK (fill a node first), "
+            "SPREAD (different nodes where possible, so losing one node loses fewer workers), "
+            "STRICT_SPREAD (different nodes or wait for them), STRICT_PACK (one node)",
+        )
     if local_help:
         g.add_argument("--local", action="store_true", help=local_help)
 
@@ -296,3 +312,42 @@ def init_ray(
         ) from e
     console.filter_worker_echo()
     console.quiet_ray_data()
+
+
+def unseen_on_nodes(folder: str | os.PathLike, timeout: float = 60.0) -> list[str]:
+    """The alive nodes of this process's Ray cluster that do not see `folder` (empty on a
+    one-node cluster). A marker file written here is looked for by a zero-CPU task pinned to
+    each other node; a node that does not answer within timeout is not counted."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".devise-shared-{uuid.uuid4().hex}"
+    marker.write_text("written by the driver; a task on every node looks for it\n")
+    try:
+        sees = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+        refs = {
+            n["NodeID"]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in others
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        unseen = []
+        for node, ref in refs.items():
+            if ref in ready:
+                try:
+                    if not ray.get(ref):
+                        unseen.append(node)
+                except ray.exceptions.RayError:  # the node went away meanwhile
+                    pass
+        return unseen
+    finally:
+        marker.unlink(missing_ok=True)

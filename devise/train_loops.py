@@ -228,6 +228,8 @@ class RayTrainContext:
         _quiet_report_logs()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # The Ray node this worker runs on; each rank reports it, metrics.jsonl lists them.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -280,6 +282,7 @@ class LocalContext:
     folder) runs once each is stored."""
 
     rank, world = 0, 1
+    node = None  # no Ray node
 
     def __init__(
         self,
@@ -561,6 +564,8 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
         )
         if source.decode_errors:
             m["decode_errors"] = int(sums[6])
+        if ctx.node is not None:
+            m["node"] = ctx.node
         source.errors = 0
         state = None
         if rank == 0:

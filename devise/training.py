@@ -121,6 +121,7 @@ class TrainConfig:
     cpus_per_worker: float | None = None
     gpus_per_worker: float = 1.0
     address: str | None = None
+    placement_strategy: str = "PACK"  # how the Train workers spread over nodes (runtime)
     decode_cpus: float | None = None
     embed_workers: int = 1
     embed_batch_size: int = 64
@@ -142,6 +143,7 @@ class TrainConfig:
         "cpus_per_worker",
         "gpus_per_worker",
         "address",
+        "placement_strategy",
         "decode_cpus",
         "embed_workers",
         "embed_batch_size",
@@ -178,7 +180,7 @@ class TrainResult:
 
 def _validate(config: TrainConfig) -> None:
     from devise.losses import LOSSES
-    from devise.runtime import check_local
+    from devise.runtime import PLACEMENT_STRATEGIES, check_local
 
     if config.loss not in LOSSES:
         raise TrainError(f"Unknown loss {config.loss!r}; choose 'rank' or 'cosine'.")
@@ -186,6 +188,11 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"Unknown head {config.head!r}; choose 'mlp' or 'linear'.")
     if config.mode not in MODES:
         raise TrainError(f"Unknown mode {config.mode!r}; choose 'cached' or 'online'.")
+    if config.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise TrainError(
+            f"Unknown placement strategy {config.placement_strategy!r}; choose one of "
+            f"{', '.join(PLACEMENT_STRATEGIES)}."
+        )
     if config.precision not in PRECISIONS:
         raise TrainError(f"Unknown precision {config.precision!r}; choose one of {PRECISIONS}.")
     if config.unfreeze_last and config.mode != "online":
@@ -359,10 +366,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 class MetricsWriter:
     """Ray Train callback logic (see metrics_callback): append rank 0's epoch metrics to
-    RUN_DIR/metrics.jsonl once the epoch's checkpoint is stored. Runs on the Train controller,
-    which Ray pins to the driver's node, so RUN_DIR is the driver's even on a cluster.
+    RUN_DIR/metrics.jsonl once the epoch's checkpoint is stored, with worker_nodes, the Ray
+    node of every rank in rank order. Runs on the Train controller, which Ray pins to the
+    driver's node, so RUN_DIR is the driver's even on a cluster.
 
-    An epoch already in the file (a rerun that resumed) is not written twice.
+    An epoch already in the file (a rerun that resumed, or a worker group Ray Train restarted
+    after losing a node) is not written twice.
     """
 
     def __init__(self, path: str) -> None:
@@ -371,7 +380,10 @@ class MetricsWriter:
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if metrics:
-            self.record(metrics[0], checkpoint.path if checkpoint is not None else None)
+            first = {k: v for k, v in metrics[0].items() if k != "node"}
+            if all("node" in m for m in metrics):
+                first["worker_nodes"] = [m["node"] for m in metrics]
+            self.record(first, checkpoint.path if checkpoint is not None else None)
 
     def record(self, metrics: dict, checkpoint_path: str | None) -> None:
         """Append one epoch's metrics (and where its checkpoint is), unless already there."""
@@ -721,6 +733,20 @@ def _with_conse(spec: HeadSpec, state: dict, classes) -> DeviseHead:
     return head.eval()
 
 
+def _check_shared(storage: str) -> None:
+    """Ray Train's workers write checkpoints where they run, and a restarted worker reads them
+    wherever it lands: on several nodes a local folder must be one that every node mounts."""
+    from devise.runtime import unseen_on_nodes
+
+    unseen = unseen_on_nodes(storage)
+    if unseen:
+        raise TrainError(
+            f"The checkpoint folder {storage} is not visible on {len(unseen)} of the cluster's "
+            f"nodes (e.g. node {unseen[0][:12]}); on a multi-node cluster pass --storage a folder "
+            "every node mounts (NFS) or an object-store URI such as s3://bucket/prefix."
+        )
+
+
 def _fit_ray(
     config: TrainConfig, loop_cfg: LoopConfig, arrays: dict, storage: str, name: str, run_dir: Path
 ) -> tuple[dict, str | None]:
@@ -739,6 +765,7 @@ def _fit_ray(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=config.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -814,6 +841,8 @@ def _train(config: TrainConfig, after_ray_init: Callable[[], None]) -> TrainResu
 
         init_ray(config.address)
         after_ray_init()
+        if "://" not in storage:
+            _check_shared(storage)
     workers = 1 if config.local else config.num_workers
 
     arrays: dict = {}

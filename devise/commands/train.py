@@ -94,8 +94,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         default=None,
-        help="Ray Train storage for checkpoints (s3://... or NFS on multi-node "
-        "clusters; default RUN_DIR/checkpoints)",
+        help="Ray Train storage for checkpoints: on a multi-node cluster a folder every node "
+        "mounts (NFS) or an object-store URI such as s3://bucket/prefix (default "
+        "RUN_DIR/checkpoints, which only a one-node cluster can share; docs/cluster.md)",
     )
     p.add_argument("--feature-cache", default=None, help="default: $DEVISE_HOME/features")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to retry")
@@ -106,6 +107,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         local_help=LOCAL_HELP + "; one training worker, the feature stage by the local executor "
         "(decode processes + the backbone here, as `devise embed --local`); resumes runs of "
         "either kind",
+        placement=True,
     )
     g = p.add_argument_group("feature stage (cached mode: the frozen backbone over every image)")
     g.add_argument(
