@@ -58,9 +58,6 @@ class IndexBuildError(EmbedError):
     """An index that cannot be built, read or used; str() says what to do."""
 
 
-AnnError = IndexBuildError
-
-
 def _faiss():
     from devise.extras import require
 
@@ -110,7 +107,7 @@ def version_at(folder: str | os.PathLike, manifest: dict | None = None) -> Versi
         try:
             manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise AnnError(f"{folder} is not a committed embeddings version.") from None
+            raise IndexBuildError(f"{folder} is not a committed embeddings version.") from None
     parts, start = [], 0
     for p in manifest["parts"]:
         parts.append((folder / p["file"], start, int(p["rows"])))
@@ -170,11 +167,6 @@ def _pq_m(dim: int, bytes_per_vector: int) -> int:
         if dim % m == 0:
             return m
     return 1
-
-
-def _pq_m_at_least(dim: int, m: int) -> int:
-    """The smallest PQ sub-quantizer count >= m that divides dim."""
-    return next(d for d in range(max(1, m), dim + 1) if dim % d == 0)
 
 
 def _make_flat(dim: int, rows: int):
@@ -242,7 +234,7 @@ def choose_kind(kind: str, rows: int) -> str:
     if kind == "auto":
         return "flat" if rows < AUTO_FLAT_MAX else "ivf-pq"
     if kind not in KINDS:
-        raise AnnError(f"Unknown index kind {kind!r}; use auto, {', '.join(KINDS)}.")
+        raise IndexBuildError(f"Unknown index kind {kind!r}; use auto, {', '.join(KINDS)}.")
     return kind
 
 
@@ -331,7 +323,7 @@ def build_shard(
     for path, start, n in files:
         x = read_embeddings(Path(path))
         if len(x) != n:
-            raise AnnError(f"{path} holds {len(x)} rows, its manifest says {n}; re-embed.")
+            raise IndexBuildError(f"{path} holds {len(x)} rows, its manifest says {n}; re-embed.")
         if base is not None:
             if ivf is not None:
                 base.add_with_ids(x, np.arange(start, start + n, dtype=np.int64))
@@ -480,7 +472,9 @@ class AnnIndex:
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if q.shape[1] != self.dim:
-            raise AnnError(f"Query vectors are {q.shape[1]}-d but the index is {self.dim}-d.")
+            raise IndexBuildError(
+                f"Query vectors are {q.shape[1]}-d but the index is {self.dim}-d."
+            )
         k = max(0, min(int(k), self.rows))
         if k == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
@@ -521,46 +515,50 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _whole(value, name: str, low: float, high: float = math.inf) -> int:
-    """value as an int in [low, high], or AnnError naming the parameter."""
+    """value as an int in [low, high], or IndexBuildError naming the parameter."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value != int(value) or not low <= value <= high:
-        raise AnnError(f"its parameter {name}={value!r} is impossible")
+        raise IndexBuildError(f"its parameter {name}={value!r} is impossible")
     return int(value)
 
 
 def _check_meta(meta, folder: Path) -> dict:
-    """index.json's fields that loading and searching rely on, checked (AnnError otherwise)."""
+    """index.json's fields that loading and searching rely on, checked (IndexBuildError otherwise)."""
     if not isinstance(meta, dict) or not meta:
-        raise AnnError("its index.json holds no index description")
+        raise IndexBuildError("its index.json holds no index description")
     if meta.get("kind") not in KINDS:
-        raise AnnError(f"its kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
+        raise IndexBuildError(f"its kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
     params = meta.get("params", {})
     if not isinstance(params, dict):
-        raise AnnError(f"its parameters {params!r} are not a mapping")
+        raise IndexBuildError(f"its parameters {params!r} are not a mapping")
     for name in ("nprobe", "efSearch", "k_factor"):
         if name in params:
             _whole(params[name], name, 1, 1 << 20)
     files = meta.get("files")
     if not isinstance(files, dict) or INDEX_FILE not in files:
-        raise AnnError("its index.json records no checksums (built by an older devise)")
+        raise IndexBuildError("its index.json records no checksums (built by an older devise)")
     for name, want in files.items():
         if name not in (INDEX_FILE, VECTORS_FILE) or not isinstance(want, dict):
-            raise AnnError(f"its index.json lists an unknown file {name!r}")
+            raise IndexBuildError(f"its index.json lists an unknown file {name!r}")
         path = folder / name
         try:
             size = path.stat().st_size
         except OSError:
-            raise AnnError(f"its {name} is missing") from None
+            raise IndexBuildError(f"its {name} is missing") from None
         if size != want.get("bytes"):
-            raise AnnError(f"its {name} holds {size} bytes, not the {want.get('bytes')} recorded")
+            raise IndexBuildError(
+                f"its {name} holds {size} bytes, not the {want.get('bytes')} recorded"
+            )
         if file_sha256(path) != want.get("sha256"):
-            raise AnnError(f"its {name} does not match the checksum recorded when it was built")
+            raise IndexBuildError(
+                f"its {name} does not match the checksum recorded when it was built"
+            )
     return meta
 
 
 def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnIndex | None:
     """The committed index of a version folder, or None when it has none (search is exact).
-    AnnError (one sentence) when it cannot be trusted: index.json unreadable or implausible,
+    IndexBuildError (one sentence) when it cannot be trusted: index.json unreadable or implausible,
     a file whose size or SHA-256 differs from what the build recorded, a vectors file of the
     wrong size, or a row count that is not the version's."""
     folder = index_dir(version_dir)
@@ -570,39 +568,43 @@ def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnI
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as e:
-            raise AnnError(f"its index.json cannot be read ({e})") from None
+            raise IndexBuildError(f"its index.json cannot be read ({e})") from None
         try:
             meta = json.loads(text)
         except ValueError:
-            raise AnnError("its index.json is not JSON") from None
+            raise IndexBuildError("its index.json is not JSON") from None
         _check_meta(meta, folder)
         faiss = _faiss()
         try:
             base = faiss.read_index(str(folder / INDEX_FILE))
         except RuntimeError as e:
-            raise AnnError(f"its index.faiss cannot be read ({str(e).splitlines()[0]})") from None
+            raise IndexBuildError(
+                f"its index.faiss cannot be read ({str(e).splitlines()[0]})"
+            ) from None
         dim = int(base.d)
         if dim < 1 or base.ntotal < 0:
-            raise AnnError(f"its index.faiss says {dim}-d, {base.ntotal} rows")
+            raise IndexBuildError(f"its index.faiss says {dim}-d, {base.ntotal} rows")
         vectors = None
         if (folder / VECTORS_FILE).exists():
             size = (folder / VECTORS_FILE).stat().st_size
             if size == 0 or size != base.ntotal * dim * 4:
-                raise AnnError(
+                raise IndexBuildError(
                     f"its vectors.f32 holds {size} bytes, not {base.ntotal} rows x {dim} float32"
                 )
             vectors = np.memmap(folder / VECTORS_FILE, np.float32, "r").reshape(-1, dim)
         elif KINDS[meta["kind"]].rerank:
-            raise AnnError("its vectors.f32 is missing")
+            raise IndexBuildError("its vectors.f32 is missing")
         if "nprobe" in meta.get("params", {}):
             ivf = faiss.try_extract_index_ivf(base)
             if ivf is None or meta["params"]["nprobe"] > ivf.nlist:
-                raise AnnError(f"its parameter nprobe={meta['params']['nprobe']} is impossible")
+                raise IndexBuildError(
+                    f"its parameter nprobe={meta['params']['nprobe']} is impossible"
+                )
         ann = AnnIndex(meta["kind"], base, vectors, meta)
         if expect_rows is not None and ann.rows != expect_rows:
-            raise AnnError(f"it holds {ann.rows} rows but its version {expect_rows}")
-    except AnnError as e:
-        raise AnnError(
+            raise IndexBuildError(f"it holds {ann.rows} rows but its version {expect_rows}")
+    except IndexBuildError as e:
+        raise IndexBuildError(
             f"The index in {folder} cannot be used: {e}; rebuild it with `devise index`."
         ) from None
     return ann
@@ -730,9 +732,9 @@ def _build(
     faiss = _faiss()
     rows, dim = version.rows, version.dim
     if rows == 0:
-        raise AnnError(f"{version.folder} holds no rows; nothing to index.")
+        raise IndexBuildError(f"{version.folder} holds no rows; nothing to index.")
     if not 0.0 < target_recall <= 1.0:
-        raise AnnError(f"--target-recall must be in (0, 1], not {target_recall}.")
+        raise IndexBuildError(f"--target-recall must be in (0, 1], not {target_recall}.")
     kind = KINDS[choose_kind(kind_name, rows)]
     runner = _Runner(local, cpus_per_task)
     groups = _groups(version.parts, num_tasks)
@@ -845,7 +847,9 @@ def _merge(kind: Kind, version: Version, base, shards: list[dict], tmp: Path):
         for path, _, _ in version.parts:
             base.add(read_embeddings(path))
     if base.ntotal != version.rows:
-        raise AnnError(f"Internal error: the index holds {base.ntotal} of {version.rows} rows.")
+        raise IndexBuildError(
+            f"Internal error: the index holds {base.ntotal} of {version.rows} rows."
+        )
     vectors = None
     if kind.rerank:
         vectors = np.memmap(tmp / VECTORS_FILE, np.float32, "r").reshape(-1, version.dim)
@@ -962,7 +966,9 @@ def update_index(
     else:
         base = _remap_codes(old.base, old_to_new, new.rows, added, x_added)
     if base.ntotal != new.rows:
-        raise AnnError(f"Internal error: the updated index holds {base.ntotal} of {new.rows} rows.")
+        raise IndexBuildError(
+            f"Internal error: the updated index holds {base.ntotal} of {new.rows} rows."
+        )
 
     # One pass over the new version: its vectors file (row-id order) and the exact neighbours
     # of held-out rows, to measure recall again and re-tune.
@@ -1112,7 +1118,7 @@ def run_cli_index(args: argparse.Namespace) -> int:
     from devise.store import Store
 
     if args.num_tasks < 1 or args.cpus_per_task <= 0:
-        raise AnnError("--num-tasks must be at least 1 and --cpus-per-task above 0.")
+        raise IndexBuildError("--num-tasks must be at least 1 and --cpus-per-task above 0.")
     emb_dir = Path(args.embeddings).expanduser()
     open_version(emb_dir, args.version)  # a clear error before Ray starts
     _faiss()

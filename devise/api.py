@@ -204,8 +204,8 @@ class Index:
             "rows": len(self),
             "dim": self.dim,
             "model_id": self.model_id,
-            "text_space": m.get("text_space") or m.get("vectors_id") or m.get("vectors") or "",
-            "created": m.get("created") or m.get("committed_at") or "",
+            "text_space": m.get("vectors_id") or m.get("vectors") or "",
+            "created": m.get("created") or "",
             "search": search,
         }
 

@@ -342,7 +342,7 @@ def _load_ann(emb_dir: Path, version: str, rows: int):
         return None
     try:
         return ann.load(folder, expect_rows=rows)
-    except DeviseError as e:  # AnnError, or MissingExtraError without faiss
+    except DeviseError as e:  # IndexBuildError, or MissingExtraError without faiss
         logging.getLogger(__name__).warning("Searching exactly: %s", e)
         return None
 

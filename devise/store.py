@@ -1104,11 +1104,6 @@ def read_rows(
     return out
 
 
-def read_errors(emb_dir: str | os.PathLike, version: str | None = None) -> pd.DataFrame:
-    """The errors table (path, label, class_name, reason, ...) of a version."""
-    return Store.open(emb_dir).errors(version)
-
-
 # ---------------------------------------------------------------------------------------------
 # the lock
 

@@ -515,11 +515,6 @@ def check_same_space(want_id: str, space: TextSpace, what: str) -> None:
         )
 
 
-def describe_spaces() -> str:
-    """One line per registered text space kind, for --help."""
-    return "; ".join(f"{k.name}: {k.description}" for k in TEXT_SPACES.values())
-
-
 __all__ = [
     "DEFAULT_TEXT_SPACE",
     "TEXT_SPACES",
@@ -533,7 +528,6 @@ __all__ = [
     "as_text_space",
     "cached_sha256",
     "check_same_space",
-    "describe_spaces",
     "load_text_space",
     "normalize",
     "register",
