@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from devise.fsutil import fsync_dir
-from devise.store import EmbedError
+from devise.similarity import merge_top_k, top_k
+from devise.store import EmbedError, row_id
 
 log = logging.getLogger(__name__)
 
@@ -278,16 +279,6 @@ def _deserialize(blob):
     return None if blob is None else _faiss().deserialize_index(np.asarray(blob))
 
 
-def merge_top_k(
-    scores: np.ndarray, ids: np.ndarray, more_scores: np.ndarray, more_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two (Q, a) and (Q, b) best-first lists -> the best k of both, (Q, k) each."""
-    s = np.concatenate([scores, more_scores], axis=1)
-    i = np.concatenate([ids, more_ids], axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
-
-
 def sample_rows(files: Sequence[tuple[str, int, int]], wanted: np.ndarray) -> np.ndarray:
     """The embeddings of row ids `wanted` (sorted) found in these parts, in row-id order."""
     out = []
@@ -311,8 +302,6 @@ def build_shard(
     in-process. files: (part path, first row id, rows); queries: (Q, D) or None.
     Returns the serialized shard and exact (Q, k) scores and row ids.
     """
-    from devise.search import top_k
-
     base = _deserialize(base_blob)
     faiss = _faiss()
     ivf = faiss.try_extract_index_ivf(base) if base is not None else None
@@ -1085,7 +1074,6 @@ def export_parquet(
 ) -> tuple[Path, int]:
     """Write the current (or named) version as one parquet file, part by part (memory stays one
     part), under a temporary name renamed into place. Returns (path, rows)."""
-    from devise.api import row_id
     from devise.fsutil import atomic_path, check_output_file
 
     out = check_output_file(out, "--to")

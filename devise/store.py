@@ -22,6 +22,7 @@ bytes) and fall back to the newest intact version, with a warning, when one is d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -1102,6 +1103,11 @@ def read_rows(
             values = table.column(c).to_pylist()
             out[c] += [values[i] for i in local]
     return out
+
+
+def row_id(path: str) -> str:
+    """The id of an indexed image: a short hash of its path, the same in every version."""
+    return hashlib.blake2b(path.encode("utf-8"), digest_size=8).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
