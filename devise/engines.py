@@ -208,7 +208,7 @@ def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     """sha256 of the backbone's weights file (remembered by path, size and mtime), or
     "seeded:<name>" for a backbone that needs no file."""
     from devise.backbones import weights_file
-    from devise.text import cached_sha256
+    from devise.fsutil import cached_sha256
 
     path = weights_file(backbone, weights)
     if path is None:
