@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # `make demo DATA=/path/to/tiny-imagenet-200` for your own photos (devise demo --data)
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-quick bench lint clean gpu-wheels wheel check-wheel lock
+.PHONY: setup demo test test-fast test-quick bench lint clean gpu-wheels wheel check-wheel lock
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 # Without the multi-node cluster tests (tests/test_cluster.py: minutes of node starts and losses).
 test-quick: setup
 	$(PY) -m pytest -q -m "not cluster"
+
+# The tests that start no Ray cluster and no process (tests/conftest.py skips one that tries).
+test-fast: setup
+	DEVISE_TEST_FAST=1 $(PY) -m pytest -q -m "not ray and not slow"
 
 bench: setup
 	$(PY) bench/run_all.py

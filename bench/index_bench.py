@@ -5,7 +5,7 @@ cluster's centre plus a Gaussian spread inside a random `rank`-dimensional subsp
 cluster (decaying variances, like real embeddings, whose variation inside a class spans few
 directions) plus small isotropic noise, then L2-normalised. Generated in chunks as float32.
 
-For each size: exact top-10 (devise.search.top_k, the path `devise search` runs) of held-out
+For each size: exact top-10 (devise.similarity.top_k, the path `devise search` runs) of held-out
 query rows, the index built by devise.ann's own kind registry and tuner, recall@10 against exact
 (the query's own row not counted), latency of one query and per query in batches of 16, build
 time, bytes per vector.
@@ -77,7 +77,7 @@ def run_size(
     import faiss
 
     from devise import ann
-    from devise.search import top_k
+    from devise.similarity import top_k
 
     t = time.perf_counter()
     x = clustered(n, dim, seed=seed)

@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from devise.fsutil import fsync_dir
-from devise.store import EmbedError
+from devise.similarity import merge_top_k, top_k
+from devise.store import EmbedError, row_id
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ DEFAULT_K = 10
 
 class IndexBuildError(EmbedError):
     """An index that cannot be built, read or used; str() says what to do."""
-
-
-AnnError = IndexBuildError
 
 
 class IndexTasksLostError(IndexBuildError):
@@ -117,7 +115,7 @@ def version_at(folder: str | os.PathLike, manifest: dict | None = None) -> Versi
         try:
             manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise AnnError(f"{folder} is not a committed embeddings version.") from None
+            raise IndexBuildError(f"{folder} is not a committed embeddings version.") from None
     parts, start = [], 0
     for p in manifest["parts"]:
         parts.append((folder / p["file"], start, int(p["rows"])))
@@ -179,11 +177,6 @@ def _pq_m(dim: int, bytes_per_vector: int) -> int:
     return 1
 
 
-def _pq_m_at_least(dim: int, m: int) -> int:
-    """The smallest PQ sub-quantizer count >= m that divides dim."""
-    return next(d for d in range(max(1, m), dim + 1) if dim % d == 0)
-
-
 def _make_flat(dim: int, rows: int):
     return _faiss().IndexFlatIP(dim)
 
@@ -191,7 +184,7 @@ def _make_flat(dim: int, rows: int):
 def _make_ivf_pq(dim: int, rows: int):
     """IVF lists of PQ codes (dim/4 bytes, plus an 8-byte id) in memory pick candidates; the
     candidates are re-scored on the exact vectors read from disk. PQ codes alone cannot order
-    close neighbours in a tight cluster (DESIGN.md measured recall 0.46; here a second, finer
+    close neighbours in a tight cluster (recall@10 0.46 measured on clustered data; a second, finer
     PQ code of dim/3 bytes as re-ranker reached 0.93 at best), the exact re-rank restores it."""
     faiss = _faiss()
     nlist = nlist_for(rows)
@@ -249,7 +242,7 @@ def choose_kind(kind: str, rows: int) -> str:
     if kind == "auto":
         return "flat" if rows < AUTO_FLAT_MAX else "ivf-pq"
     if kind not in KINDS:
-        raise AnnError(f"Unknown index kind {kind!r}; use auto, {', '.join(KINDS)}.")
+        raise IndexBuildError(f"Unknown index kind {kind!r}; use auto, {', '.join(KINDS)}.")
     return kind
 
 
@@ -293,16 +286,6 @@ def _deserialize(blob):
     return None if blob is None else _faiss().deserialize_index(np.asarray(blob))
 
 
-def merge_top_k(
-    scores: np.ndarray, ids: np.ndarray, more_scores: np.ndarray, more_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Two (Q, a) and (Q, b) best-first lists -> the best k of both, (Q, k) each."""
-    s = np.concatenate([scores, more_scores], axis=1)
-    i = np.concatenate([ids, more_ids], axis=1)
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
-
-
 def sample_rows(files: Sequence[tuple[str, int, int]], wanted: np.ndarray) -> np.ndarray:
     """The embeddings of row ids `wanted` (sorted) found in these parts, in row-id order."""
     out = []
@@ -326,8 +309,6 @@ def build_shard(
     in-process. files: (part path, first row id, rows); queries: (Q, D) or None.
     Returns the serialized shard and exact (Q, k) scores and row ids.
     """
-    from devise.search import top_k
-
     base = _deserialize(base_blob)
     faiss = _faiss()
     ivf = faiss.try_extract_index_ivf(base) if base is not None else None
@@ -338,7 +319,7 @@ def build_shard(
     for path, start, n in files:
         x = read_embeddings(Path(path))
         if len(x) != n:
-            raise AnnError(f"{path} holds {len(x)} rows, its manifest says {n}; re-embed.")
+            raise IndexBuildError(f"{path} holds {len(x)} rows, its manifest says {n}; re-embed.")
         if base is not None:
             if ivf is not None:
                 base.add_with_ids(x, np.arange(start, start + n, dtype=np.int64))
@@ -519,7 +500,9 @@ class AnnIndex:
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if q.shape[1] != self.dim:
-            raise AnnError(f"Query vectors are {q.shape[1]}-d but the index is {self.dim}-d.")
+            raise IndexBuildError(
+                f"Query vectors are {q.shape[1]}-d but the index is {self.dim}-d."
+            )
         k = max(0, min(int(k), self.rows))
         if k == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
@@ -560,46 +543,50 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _whole(value, name: str, low: float, high: float = math.inf) -> int:
-    """value as an int in [low, high], or AnnError naming the parameter."""
+    """value as an int in [low, high], or IndexBuildError naming the parameter."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value != int(value) or not low <= value <= high:
-        raise AnnError(f"its parameter {name}={value!r} is impossible")
+        raise IndexBuildError(f"its parameter {name}={value!r} is impossible")
     return int(value)
 
 
 def _check_meta(meta, folder: Path) -> dict:
-    """index.json's fields that loading and searching rely on, checked (AnnError otherwise)."""
+    """index.json's fields that loading and searching rely on, checked (IndexBuildError otherwise)."""
     if not isinstance(meta, dict) or not meta:
-        raise AnnError("its index.json holds no index description")
+        raise IndexBuildError("its index.json holds no index description")
     if meta.get("kind") not in KINDS:
-        raise AnnError(f"its kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
+        raise IndexBuildError(f"its kind {meta.get('kind')!r} is not one of {', '.join(KINDS)}")
     params = meta.get("params", {})
     if not isinstance(params, dict):
-        raise AnnError(f"its parameters {params!r} are not a mapping")
+        raise IndexBuildError(f"its parameters {params!r} are not a mapping")
     for name in ("nprobe", "efSearch", "k_factor"):
         if name in params:
             _whole(params[name], name, 1, 1 << 20)
     files = meta.get("files")
     if not isinstance(files, dict) or INDEX_FILE not in files:
-        raise AnnError("its index.json records no checksums (built by an older devise)")
+        raise IndexBuildError("its index.json records no checksums (built by an older devise)")
     for name, want in files.items():
         if name not in (INDEX_FILE, VECTORS_FILE) or not isinstance(want, dict):
-            raise AnnError(f"its index.json lists an unknown file {name!r}")
+            raise IndexBuildError(f"its index.json lists an unknown file {name!r}")
         path = folder / name
         try:
             size = path.stat().st_size
         except OSError:
-            raise AnnError(f"its {name} is missing") from None
+            raise IndexBuildError(f"its {name} is missing") from None
         if size != want.get("bytes"):
-            raise AnnError(f"its {name} holds {size} bytes, not the {want.get('bytes')} recorded")
+            raise IndexBuildError(
+                f"its {name} holds {size} bytes, not the {want.get('bytes')} recorded"
+            )
         if file_sha256(path) != want.get("sha256"):
-            raise AnnError(f"its {name} does not match the checksum recorded when it was built")
+            raise IndexBuildError(
+                f"its {name} does not match the checksum recorded when it was built"
+            )
     return meta
 
 
 def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnIndex | None:
     """The committed index of a version folder, or None when it has none (search is exact).
-    AnnError (one sentence) when it cannot be trusted: index.json unreadable or implausible,
+    IndexBuildError (one sentence) when it cannot be trusted: index.json unreadable or implausible,
     a file whose size or SHA-256 differs from what the build recorded, a vectors file of the
     wrong size, or a row count that is not the version's."""
     folder = index_dir(version_dir)
@@ -609,39 +596,43 @@ def load(version_dir: str | os.PathLike, expect_rows: int | None = None) -> AnnI
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as e:
-            raise AnnError(f"its index.json cannot be read ({e})") from None
+            raise IndexBuildError(f"its index.json cannot be read ({e})") from None
         try:
             meta = json.loads(text)
         except ValueError:
-            raise AnnError("its index.json is not JSON") from None
+            raise IndexBuildError("its index.json is not JSON") from None
         _check_meta(meta, folder)
         faiss = _faiss()
         try:
             base = faiss.read_index(str(folder / INDEX_FILE))
         except RuntimeError as e:
-            raise AnnError(f"its index.faiss cannot be read ({str(e).splitlines()[0]})") from None
+            raise IndexBuildError(
+                f"its index.faiss cannot be read ({str(e).splitlines()[0]})"
+            ) from None
         dim = int(base.d)
         if dim < 1 or base.ntotal < 0:
-            raise AnnError(f"its index.faiss says {dim}-d, {base.ntotal} rows")
+            raise IndexBuildError(f"its index.faiss says {dim}-d, {base.ntotal} rows")
         vectors = None
         if (folder / VECTORS_FILE).exists():
             size = (folder / VECTORS_FILE).stat().st_size
             if size == 0 or size != base.ntotal * dim * 4:
-                raise AnnError(
+                raise IndexBuildError(
                     f"its vectors.f32 holds {size} bytes, not {base.ntotal} rows x {dim} float32"
                 )
             vectors = np.memmap(folder / VECTORS_FILE, np.float32, "r").reshape(-1, dim)
         elif KINDS[meta["kind"]].rerank:
-            raise AnnError("its vectors.f32 is missing")
+            raise IndexBuildError("its vectors.f32 is missing")
         if "nprobe" in meta.get("params", {}):
             ivf = faiss.try_extract_index_ivf(base)
             if ivf is None or meta["params"]["nprobe"] > ivf.nlist:
-                raise AnnError(f"its parameter nprobe={meta['params']['nprobe']} is impossible")
+                raise IndexBuildError(
+                    f"its parameter nprobe={meta['params']['nprobe']} is impossible"
+                )
         ann = AnnIndex(meta["kind"], base, vectors, meta)
         if expect_rows is not None and ann.rows != expect_rows:
-            raise AnnError(f"it holds {ann.rows} rows but its version {expect_rows}")
-    except AnnError as e:
-        raise AnnError(
+            raise IndexBuildError(f"it holds {ann.rows} rows but its version {expect_rows}")
+    except IndexBuildError as e:
+        raise IndexBuildError(
             f"The index in {folder} cannot be used: {e}; rebuild it with `devise index`."
         ) from None
     return ann
@@ -769,9 +760,9 @@ def _build(
     faiss = _faiss()
     rows, dim = version.rows, version.dim
     if rows == 0:
-        raise AnnError(f"{version.folder} holds no rows; nothing to index.")
+        raise IndexBuildError(f"{version.folder} holds no rows; nothing to index.")
     if not 0.0 < target_recall <= 1.0:
-        raise AnnError(f"--target-recall must be in (0, 1], not {target_recall}.")
+        raise IndexBuildError(f"--target-recall must be in (0, 1], not {target_recall}.")
     kind = KINDS[choose_kind(kind_name, rows)]
     runner = _Runner(local, cpus_per_task, version.name)
     groups = _groups(version.parts, num_tasks)
@@ -885,7 +876,9 @@ def _merge(kind: Kind, version: Version, base, shards: list[dict], tmp: Path):
         for path, _, _ in version.parts:
             base.add(read_embeddings(path))
     if base.ntotal != version.rows:
-        raise AnnError(f"Internal error: the index holds {base.ntotal} of {version.rows} rows.")
+        raise IndexBuildError(
+            f"Internal error: the index holds {base.ntotal} of {version.rows} rows."
+        )
     vectors = None
     if kind.rerank:
         vectors = np.memmap(tmp / VECTORS_FILE, np.float32, "r").reshape(-1, version.dim)
@@ -1002,7 +995,9 @@ def update_index(
     else:
         base = _remap_codes(old.base, old_to_new, new.rows, added, x_added)
     if base.ntotal != new.rows:
-        raise AnnError(f"Internal error: the updated index holds {base.ntotal} of {new.rows} rows.")
+        raise IndexBuildError(
+            f"Internal error: the updated index holds {base.ntotal} of {new.rows} rows."
+        )
 
     # One pass over the new version: its vectors file (row-id order) and the exact neighbours
     # of held-out rows, to measure recall again and re-tune.
@@ -1119,7 +1114,6 @@ def export_parquet(
 ) -> tuple[Path, int]:
     """Write the current (or named) version as one parquet file, part by part (memory stays one
     part), under a temporary name renamed into place. Returns (path, rows)."""
-    from devise.api import row_id
     from devise.fsutil import atomic_path, check_output_file
 
     out = check_output_file(out, "--to")
@@ -1152,7 +1146,7 @@ def run_cli_index(args: argparse.Namespace) -> int:
     from devise.store import Store
 
     if args.num_tasks < 1 or args.cpus_per_task <= 0:
-        raise AnnError("--num-tasks must be at least 1 and --cpus-per-task above 0.")
+        raise IndexBuildError("--num-tasks must be at least 1 and --cpus-per-task above 0.")
     emb_dir = Path(args.embeddings).expanduser()
     open_version(emb_dir, args.version)  # a clear error before Ray starts
     _faiss()

@@ -13,7 +13,6 @@ encoder runs on onnxruntime + tokenizers, without torch).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -23,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from devise.search import EmbeddingIndex, SearchError, normalize_rows, resolve_model
+from devise.search import EmbeddingIndex, SearchError, resolve_model
+from devise.similarity import normalize_rows
+from devise.store import row_id
 
 # A k above this is refused: results are for people and pages, not bulk export.
 MAX_K = 1000
@@ -32,11 +33,6 @@ MAX_QUERY_CHARS = 1000
 ImageInput = str | os.PathLike | bytes | Any  # a path, encoded bytes or a PIL image
 
 log = logging.getLogger(__name__)
-
-
-def row_id(path: str) -> str:
-    """The id of an indexed image: a short hash of its path, the same in every version."""
-    return hashlib.blake2b(path.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def _store_current_version(emb_dir: Path) -> str | None:
@@ -204,8 +200,8 @@ class Index:
             "rows": len(self),
             "dim": self.dim,
             "model_id": self.model_id,
-            "text_space": m.get("text_space") or m.get("vectors_id") or m.get("vectors") or "",
-            "created": m.get("created") or m.get("committed_at") or "",
+            "text_space": m.get("vectors_id") or m.get("vectors") or "",
+            "created": m.get("created") or "",
             "search": search,
         }
 

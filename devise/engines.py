@@ -25,12 +25,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 from devise.home import devise_home
+
+if TYPE_CHECKING:
+    from devise.assets import Asset
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +212,7 @@ def weights_sha256(backbone: str, weights: str | os.PathLike | None) -> str:
     """sha256 of the backbone's weights file (remembered by path, size and mtime), or
     "seeded:<name>" for a backbone that needs no file."""
     from devise.backbones import weights_file
-    from devise.text import cached_sha256
+    from devise.fsutil import cached_sha256
 
     path = weights_file(backbone, weights)
     if path is None:
@@ -479,6 +483,45 @@ class OnnxSentenceEncoder:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
+def ensure_graphs(text: bool = True, image: bool = True) -> list[Asset]:
+    """Export (or check) the onnxruntime graphs of the default encoder and backbone (at its own
+    image size), so the first query and the first embedding need no export (`devise assets`);
+    they are exported on first use otherwise."""
+    from devise.assets import (
+        ENCODER_NAME,
+        ENCODER_SHA256,
+        WEIGHTS_FILE,
+        Asset,
+        minilm_folder,
+        verify_minilm,
+    )
+
+    if not onnxruntime_available():
+        return []
+    out = []
+    if text:
+        enc = OnnxSentenceEncoder(minilm_folder(), ENCODER_SHA256, verify=verify_minilm)
+        out.append(
+            Asset(
+                "encoder-onnx",
+                enc.graph(),
+                f"exported from the verified {ENCODER_NAME} weights (torch.onnx)",
+                "Apache-2.0 (model)",
+            )
+        )
+    if image:
+        backbone = OnnxBackbone("efficientnet_lite0")
+        out.append(
+            Asset(
+                "weights-onnx",
+                backbone.graph(backbone.image_size),
+                f"exported from {WEIGHTS_FILE} (torch.onnx, {backbone.image_size} px)",
+                "Apache-2.0",
+            )
+        )
+    return out
+
+
 __all__ = [
     "ENGINES",
     "EngineChoice",
@@ -487,6 +530,7 @@ __all__ = [
     "OnnxSentenceEncoder",
     "cached_graph",
     "choose_engine",
+    "ensure_graphs",
     "graph_root",
     "onnx_text_supported",
     "session",

@@ -20,7 +20,7 @@ from devise.metrics import (
     hit_at_k,
     retrieval_metrics,
 )
-from devise.search import normalize_rows
+from devise.similarity import normalize_rows
 
 log = logging.getLogger(__name__)
 KS = (1, 2, 5, 10)

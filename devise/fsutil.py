@@ -4,11 +4,12 @@ and paths made safe to print."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -271,3 +272,35 @@ def name_problem(path: str | os.PathLike) -> str | None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         return "the file name contains a control character (a newline, tab or escape)"
     return None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
+    """sha256 of a file, remembered in the encoding cache's folder by path, size and mtime."""
+    st = path.stat()
+    from devise.home import devise_home
+
+    memo = devise_home() / "text" / "sha256.json"
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = digest(path)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, memo)
+        except OSError:
+            pass
+    return known[key]

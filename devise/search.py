@@ -1,13 +1,9 @@
 """Search an embeddings folder: words, phrases or an image -> exact cosine top-k images, a
-montage of the results, the labels (from a label vocabulary) nearest to an image, and the
-`devise search` command (on top of devise.api.Index)."""
+montage of the results, and the labels (from a label vocabulary) nearest to an image."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from devise.errors import DeviseError
+from devise.similarity import normalize_rows, top_k
 from devise.store import EmbedError, embedding_matrix, read_version
-
-# Scores of one block of queries against all rows stay under this many bytes.
-_BLOCK_BYTES = 256 << 20
-
 
 # "What does the model think this image shows" looks among these labels by default: the
 # model's training classes plus the classes named in the embeddings folder.
@@ -50,44 +43,6 @@ class SearchResult:
             "class_name": self.class_name,
             "score": round(self.score, 6),
         }
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """(N, D) -> float32 rows of unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def top_k(
-    matrix: np.ndarray, queries: np.ndarray, k: int, block_bytes: int = _BLOCK_BYTES
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: matrix (N, D), queries (Q, D) or (D,) -> scores (Q, k)
-    float32 and indices (Q, k) int64, best first.
-
-    With unit rows this is cosine similarity. One matrix product per block of queries, then
-    argpartition (O(N)) and a sort of only the k winners, not a sort of all N.
-    """
-    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    n = matrix.shape[0]
-    k = max(0, min(int(k), n))
-    scores_out = np.empty((len(q), k), dtype=np.float32)
-    index_out = np.empty((len(q), k), dtype=np.int64)
-    if k == 0 or len(q) == 0:
-        return scores_out, index_out
-    step = max(1, block_bytes // max(1, 4 * n))
-    for a in range(0, len(q), step):
-        sims = q[a : a + step] @ matrix.T  # (B, N)
-        if k < n:
-            # The k largest sit at the end after partitioning; no negated copy of (B, N).
-            part = np.argpartition(sims, n - k, axis=1)[:, n - k :]
-        else:
-            part = np.broadcast_to(np.arange(n), (len(sims), n))
-        part_scores = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        index_out[a : a + step] = np.take_along_axis(part, order, axis=1)
-        scores_out[a : a + step] = np.take_along_axis(part_scores, order, axis=1)
-    return scores_out, index_out
 
 
 class EmbeddingIndex:
@@ -127,8 +82,9 @@ class EmbeddingIndex:
         """Load the current version (the newest complete one), or a named one, with its
         approximate index when it has one (`devise index`) and `exact` is False."""
         emb_dir = Path(emb_dir).expanduser()
+        checked = None  # the version whose index was already tried (and warned about) here
         if not exact:
-            lazy = cls._open_with_index(emb_dir, version)
+            lazy, checked = cls._open_with_index(emb_dir, version)
             if lazy is not None:
                 return lazy
         for attempt in range(3):
@@ -150,23 +106,29 @@ class EmbeddingIndex:
             np.asarray(col("label").to_pylist(), dtype=object),
             np.asarray(col("class_name").to_pylist(), dtype=object),
             matrix,
-            None if exact else _load_ann(emb_dir, manifest["version"], len(matrix)),
+            None
+            if exact or manifest["version"] == checked
+            else _load_ann(emb_dir, manifest["version"], len(matrix)),
         )
 
     @classmethod
-    def _open_with_index(cls, emb_dir: Path, version: str | None) -> EmbeddingIndex | None:
-        """The version opened lazily when it has a usable approximate index; None otherwise
-        (or when its manifest or parts look damaged: the full read then falls back or says so)."""
+    def _open_with_index(
+        cls, emb_dir: Path, version: str | None
+    ) -> tuple[EmbeddingIndex | None, str | None]:
+        """(the version opened lazily when it has a usable approximate index, else None; the
+        version whose index was tried, so the full read neither loads nor warns about it again).
+        A manifest or parts that look damaged give (None, None): the full read falls back or
+        says so."""
         from devise.store import Store
 
         try:
             manifest = Store.open(emb_dir).manifest(version)
         except (EmbedError, OSError):
-            return None
+            return None, None
         ann = _load_ann(emb_dir, manifest["version"], int(manifest["rows"]))
         if ann is None:
-            return None
-        return cls(emb_dir, manifest, None, None, None, None, ann)
+            return None, manifest["version"]
+        return cls(emb_dir, manifest, None, None, None, None, ann), manifest["version"]
 
     # Read on first use when the version was opened with its index.
 
@@ -342,7 +304,7 @@ def _load_ann(emb_dir: Path, version: str, rows: int):
         return None
     try:
         return ann.load(folder, expect_rows=rows)
-    except DeviseError as e:  # AnnError, or MissingExtraError without faiss
+    except DeviseError as e:  # IndexBuildError, or MissingExtraError without faiss
         logging.getLogger(__name__).warning("Searching exactly: %s", e)
         return None
 
@@ -493,85 +455,3 @@ def montage(
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def _print_table(hits: Sequence[SearchResult], file=None) -> None:
-    names = [h.class_name or h.label or "-" for h in hits]
-    width = max([5] + [len(str(n)) for n in names])
-    print(f"{'rank':>4}  {'score':>7}  {'class':<{width}}  path", file=file)
-    for h, n in zip(hits, names):
-        print(f"{h.rank:>4}  {h.score:>7.4f}  {n!s:<{width}}  {h.path}", file=file)
-
-
-def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
-    return [
-        SearchResult(query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name"))
-        for r in records
-    ]
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`devise search` (flags: devise/commands/search.py), on top of devise.api.Index."""
-    from devise.api import Index
-
-    if bool(args.queries) == bool(args.image):
-        raise SearchError("Give words to search for, or --image PATH (not both).")
-    if args.k < 1:
-        raise SearchError("-k must be at least 1.")
-    if args.image:  # before the model loads: a file that is no image says so at once
-        from devise.images import ImageDecodeError, decode_image
-
-        try:
-            decode_image(args.image)
-        except ImageDecodeError as e:
-            raise ImageDecodeError(f"Cannot use {args.image}: {e}.") from None
-    if args.montage:  # before any search: a bad output name must not waste one
-        from devise.fsutil import check_output_file
-
-        check_output_file(args.montage, "--montage", MONTAGE_SUFFIXES)
-    index = Index.open(
-        args.embeddings,
-        args.version,
-        vectors=args.vectors,
-        model=args.model,
-        exact=getattr(args, "exact", False),
-    )
-    if args.image:
-        hits = index.search_image(args.image, args.k, include_self=args.include_self)
-        labels = []
-        if args.words > 0:
-            vec = index.encode_images([args.image])[0]
-            labels = index.nearest_labels(vec, args.words, vocabulary=args.vocabulary)
-        rows = [_results(str(args.image), hits)]
-        if args.json:
-            payload = {
-                "query": str(args.image),
-                "images": hits,
-                "labels": [{"label": w, "score": round(s, 6)} for w, s in labels],
-            }
-            print(json.dumps(payload, indent=2))
-        else:
-            if labels:
-                print("Nearest labels: " + ", ".join(f"{w} ({s:.3f})" for w, s in labels))
-            print(f"Nearest images to {args.image} ({index.version}, {len(index)} images):")
-            _print_table(rows[0])
-    else:
-        found = index.search(list(args.queries), args.k)
-        rows = [_results(q, hits) for q, hits in zip(args.queries, found)]
-        if args.json:
-            print(
-                json.dumps(
-                    [{"query": q, **h} for q, hits in zip(args.queries, found) for h in hits],
-                    indent=2,
-                )
-            )
-        else:
-            for i, hits in enumerate(rows):
-                if i:
-                    print()
-                print(f'"{args.queries[i]}" ({index.version}, {len(index)} images):')
-                _print_table(hits)
-    if args.montage:
-        out = montage(rows, args.montage)
-        print(f"Wrote {out}", file=sys.stderr if args.json else sys.stdout)
-    return 0

@@ -43,10 +43,15 @@ if TYPE_CHECKING:
     from devise.api import Index
 
 
-from devise.commands.serve import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
+
+# The service's defaults, read by its flags (devise/commands/serve.py): this module imports
+# nothing heavy at its top, so `devise --help` can read them.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_UPLOAD_MB = 10.0
 
 THUMB_SIZES = (16, 512)  # smallest and largest thumbnail edge served
 # The page's files, by the only names a request can ask for.

@@ -22,6 +22,7 @@ bytes) and fall back to the newest intact version, with a warning, when one is d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -1104,9 +1105,9 @@ def read_rows(
     return out
 
 
-def read_errors(emb_dir: str | os.PathLike, version: str | None = None) -> pd.DataFrame:
-    """The errors table (path, label, class_name, reason, ...) of a version."""
-    return Store.open(emb_dir).errors(version)
+def row_id(path: str) -> str:
+    """The id of an indexed image: a short hash of its path, the same in every version."""
+    return hashlib.blake2b(path.encode("utf-8"), digest_size=8).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

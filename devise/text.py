@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.fsutil import cached_sha256
 from devise.home import devise_home
 from devise.vectors import UnknownWordError, VectorFileError, WordVectors, load_vectors
 
@@ -396,7 +397,7 @@ def _is_st_folder(path: Path) -> bool:
 
 
 def _open_st_folder(source: str) -> TextSpace:
-    from devise.assets import sha256_file
+    from devise.fsutil import sha256_file
 
     folder = Path(source).expanduser().resolve()
     weights = _weights_file(folder)
@@ -412,27 +413,6 @@ def _is_table(path: Path) -> bool:
 
 def _open_table(source: str) -> TextSpace:
     return WordTableSpace(load_vectors(source))
-
-
-def cached_sha256(path: Path, digest: Callable[[Path], str]) -> str:
-    """sha256 of a file, remembered in the encoding cache's folder by path, size and mtime."""
-    st = path.stat()
-    memo = devise_home() / "text" / "sha256.json"
-    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = digest(path)
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, memo)
-        except OSError:
-            pass
-    return known[key]
 
 
 TEXT_SPACES: dict[str, TextSpaceKind] = {}
@@ -515,11 +495,6 @@ def check_same_space(want_id: str, space: TextSpace, what: str) -> None:
         )
 
 
-def describe_spaces() -> str:
-    """One line per registered text space kind, for --help."""
-    return "; ".join(f"{k.name}: {k.description}" for k in TEXT_SPACES.values())
-
-
 __all__ = [
     "DEFAULT_TEXT_SPACE",
     "TEXT_SPACES",
@@ -533,7 +508,6 @@ __all__ = [
     "as_text_space",
     "cached_sha256",
     "check_same_space",
-    "describe_spaces",
     "load_text_space",
     "normalize",
     "register",

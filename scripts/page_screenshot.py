@@ -1,4 +1,4 @@
-"""Screenshot the search page on an embeddings folder (docs/serve-page.png in the README).
+"""Screenshot the search page on an embeddings folder (docs/serve-page.png, shown in docs/serve.md).
 
     python scripts/page_screenshot.py [--embeddings runs/demo/embeddings] [--query sandal]
 

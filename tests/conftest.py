@@ -12,6 +12,74 @@ from PIL import Image
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+# `make test-fast` sets this: the tests that start no Ray cluster and no process only.
+FAST = os.environ.get("DEVISE_TEST_FAST") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test on the session's Ray is marked `ray`, so `-m "not ray"` leaves them out."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+_GUARD = {"on": False}
+
+
+def _refuse_processes() -> None:
+    """Under `make test-fast`, a test (or its fixture) that starts a process (a subprocess, a
+    worker pool, a local Ray, a browser) is skipped at that moment, saying so: `make test` runs
+    it. Nothing needs a list of such tests, and a new one cannot make the fast run slow. A
+    library probing for a shared object (ctypes.util.find_library runs ldconfig) is let be."""
+    import ctypes.util
+    import multiprocessing.process
+    import subprocess
+
+    def guarded(original, what):
+        def call(*args, **kwargs):
+            if _GUARD["on"]:
+                pytest.skip(f"starts a process ({what}); `make test` runs it")
+            return original(*args, **kwargs)
+
+        return call
+
+    def unguarded(original):
+        def call(*args, **kwargs):
+            on, _GUARD["on"] = _GUARD["on"], False
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _GUARD["on"] = on
+
+        return call
+
+    subprocess.Popen._execute_child = guarded(subprocess.Popen._execute_child, "a subprocess")
+    start = multiprocessing.process.BaseProcess.start
+    multiprocessing.process.BaseProcess.start = guarded(start, "a worker process")
+    os.fork = guarded(os.fork, "a fork")
+    ctypes.util.find_library = unguarded(ctypes.util.find_library)
+
+
+if FAST:
+    _refuse_processes()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(item):
+        _GUARD["on"] = True
+        try:
+            return (yield)
+        finally:
+            _GUARD["on"] = False
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(item):
+        _GUARD["on"] = True
+        try:
+            return (yield)
+        finally:
+            _GUARD["on"] = False
+
+
 # Class names chosen so the generated vector table below gives each a distinct vector.
 TINY_CLASSES = ["cat", "dog", "car", "ship", "ankle boot"]
 

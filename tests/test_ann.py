@@ -14,7 +14,8 @@ faiss = pytest.importorskip("faiss")
 from devise import ann
 from devise.api import Index
 from devise.cli import main as cli_main
-from devise.search import EmbeddingIndex, top_k
+from devise.search import EmbeddingIndex
+from devise.similarity import top_k
 from devise.store import Store, embedding_matrix
 
 DIM = 32

@@ -14,7 +14,8 @@ from PIL import Image
 from devise import cli
 from devise.embed import EmbedConfig, embed
 from devise.model import DeviseHead, HeadSpec, save_model
-from devise.search import EmbeddingIndex, montage, query_vector, search_text, top_k
+from devise.search import EmbeddingIndex, montage, query_vector, search_text
+from devise.similarity import top_k
 from devise.store import CURRENT_FILE, STAGING_DIR, VERSIONS_DIR, Store
 from devise.vectors import load_vectors
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_cli(subparsers) -> None:
@@ -29,6 +30,31 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from devise.assets import run_cli
+    """`devise assets`: fetch and verify the defaults, export their graphs, print the table."""
+    from devise.assets import (
+        AssetError,
+        ensure_all,
+        ensure_encoder,
+        ensure_images,
+        ensure_vectors,
+        ensure_weights,
+        format_table,
+    )
+    from devise.engines import ensure_graphs
 
-    return run_cli(args)
+    try:
+        if args.only == "weights":
+            assets = [ensure_weights(), *ensure_graphs(text=False)]
+        elif args.only == "vectors":
+            assets = [ensure_vectors()]
+        elif args.only == "encoder":
+            assets = [ensure_encoder(), *ensure_graphs(image=False)]
+        elif args.only == "images":
+            assets = ensure_images(args.per_class)
+        else:
+            assets = [*ensure_all(args.per_class), *ensure_graphs()]
+    except AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(assets))
+    return 0

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devise.search import SearchResult
 
 
 def add_cli(subparsers) -> None:
@@ -49,6 +56,85 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from devise.search import run_cli
+    """`devise search`, on top of devise.api.Index."""
+    from devise.api import Index
+    from devise.search import MONTAGE_SUFFIXES, SearchError, montage
 
-    return run_cli(args)
+    if bool(args.queries) == bool(args.image):
+        raise SearchError("Give words to search for, or --image PATH (not both).")
+    if args.k < 1:
+        raise SearchError("-k must be at least 1.")
+    if args.image:  # before the model loads: a file that is no image says so at once
+        from devise.images import ImageDecodeError, decode_image
+
+        try:
+            decode_image(args.image)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"Cannot use {args.image}: {e}.") from None
+    if args.montage:  # before any search: a bad output name must not waste one
+        from devise.fsutil import check_output_file
+
+        check_output_file(args.montage, "--montage", MONTAGE_SUFFIXES)
+    index = Index.open(
+        args.embeddings,
+        args.version,
+        vectors=args.vectors,
+        model=args.model,
+        exact=getattr(args, "exact", False),
+    )
+    if args.image:
+        hits = index.search_image(args.image, args.k, include_self=args.include_self)
+        labels = []
+        if args.words > 0:
+            vec = index.encode_images([args.image])[0]
+            labels = index.nearest_labels(vec, args.words, vocabulary=args.vocabulary)
+        rows = [_results(str(args.image), hits)]
+        if args.json:
+            payload = {
+                "query": str(args.image),
+                "images": hits,
+                "labels": [{"label": w, "score": round(s, 6)} for w, s in labels],
+            }
+            print(json.dumps(payload, indent=2))
+        else:
+            if labels:
+                print("Nearest labels: " + ", ".join(f"{w} ({s:.3f})" for w, s in labels))
+            print(f"Nearest images to {args.image} ({index.version}, {len(index)} images):")
+            _print_table(rows[0])
+    else:
+        found = index.search(list(args.queries), args.k)
+        rows = [_results(q, hits) for q, hits in zip(args.queries, found)]
+        if args.json:
+            print(
+                json.dumps(
+                    [{"query": q, **h} for q, hits in zip(args.queries, found) for h in hits],
+                    indent=2,
+                )
+            )
+        else:
+            for i, hits in enumerate(rows):
+                if i:
+                    print()
+                print(f'"{args.queries[i]}" ({index.version}, {len(index)} images):')
+                _print_table(hits)
+    if args.montage:
+        out = montage(rows, args.montage)
+        print(f"Wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_table(hits: Sequence[SearchResult], file=None) -> None:
+    names = [h.class_name or h.label or "-" for h in hits]
+    width = max([5] + [len(str(n)) for n in names])
+    print(f"{'rank':>4}  {'score':>7}  {'class':<{width}}  path", file=file)
+    for h, n in zip(hits, names):
+        print(f"{h.rank:>4}  {h.score:>7.4f}  {n!s:<{width}}  {h.path}", file=file)
+
+
+def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
+    from devise.search import SearchResult
+
+    return [
+        SearchResult(query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name"))
+        for r in records
+    ]

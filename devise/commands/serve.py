@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_UPLOAD_MB = 10.0
+# The module holds no heavy import at its top (stdlib and devise.errors only).
+from devise.serve import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
 
 
 def add_cli(subparsers) -> None:
