@@ -260,3 +260,34 @@ def test_image_query_finds_itself_and_nearest_labels(tmp_path, image_tree, vec_f
     )  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "was embedded with model" in err
+
+
+def test_results_name_a_class_the_way_people_do_and_keep_its_id(tmp_path, vec_file, capsys):
+    """A Tiny ImageNet store labels rows by wnid: the table, --json and the API show the class
+    name ("ship"), and --json keeps the id as `label`."""
+    import pandas as pd
+
+    from devise.api import Index
+    from devise.vectors import load_vectors
+
+    wv = load_vectors(vec_file)
+    rows, embs = [], []
+    for j, (wnid, name) in enumerate([("n04194289", "ship"), ("n02084071", "dog")]):
+        path = tmp_path / "img" / f"{j}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+        rows.append({"path": str(path), "label": wnid, "class_name": name})
+        embs.append(_unit(wv.lookup(name)))
+    out = tmp_path / "emb"
+    Store.open(out, create=True).write_version(
+        pd.DataFrame(rows), np.stack(embs), model_id="synthetic", vectors=str(vec_file),
+        vectors_id=wv.vectors_id,
+    )  # fmt: skip
+    assert cli.main(["search", "ship", "--embeddings", str(out), "-k", "1"]) == 0
+    line = capsys.readouterr().out.splitlines()[2].split()
+    assert line[2] == "ship" and "n04194289" not in line
+    assert cli.main(["search", "ship", "--embeddings", str(out), "-k", "1", "--json"]) == 0
+    (hit,) = json.loads(capsys.readouterr().out)
+    assert (hit["label"], hit["class_name"]) == ("n04194289", "ship")
+    (api_hit,) = Index.open(out).search("ship", k=1)
+    assert (api_hit["label"], api_hit["class_name"]) == ("n04194289", "ship")

@@ -95,7 +95,7 @@ def test_api_answers_search_similar_image_info(service):
         ("dog", 1, "dog"), ("dog", 2, "dog"), ("dog", 3, "dog"),
         ("ship", 1, "ship"), ("ship", 2, "ship"), ("ship", 3, "ship"),
     ]  # fmt: skip
-    assert set(results[0]) == {"query", "rank", "id", "path", "label", "score"}
+    assert set(results[0]) == {"query", "rank", "id", "path", "label", "class_name", "score"}
 
     dog = results[0]
     similar = _get(service, f"/api/similar/{dog['id']}", k=3).json()["results"]
