@@ -26,7 +26,7 @@ from ray_cluster import LocalCluster
 
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
-from devise.store import Store, read_errors, read_version
+from devise.store import Store, read_version
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -214,7 +214,7 @@ def _check_version(out: Path, inputs: dict) -> dict:
     manifest, table = read_version(out, columns=["path"])
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(good) and set(paths) == good
-    errors = read_errors(out)
+    errors = Store.open(out).errors()
     assert errors["path"].tolist() == [str(inputs["images"] / "c0" / "broken.png")]
     assert manifest["rows"] == len(good) and manifest["errors"] == 1
     assert len(Store.open(out).versions()) == 1
