@@ -188,9 +188,16 @@ def label_matrix(infos: list, space, wording: str) -> np.ndarray:
 
     from devise.labels import class_vectors
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # labels without a vector are simply not used
-        cv = class_vectors(infos, space, wording=wording)
+    # Labels (or words of them) without a vector are simply not used: no warning per label.
+    text_log = logging.getLogger("devise.text")
+    level = text_log.level
+    text_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cv = class_vectors(infos, space, wording=wording)
+    finally:
+        text_log.setLevel(level)
     out = np.zeros((len(infos), cv.matrix.shape[1]), np.float32)
     row = {k: i for i, k in enumerate(cv.keys)}
     for i, info in enumerate(infos):
