@@ -105,6 +105,11 @@ def test_local_model_serves_embed_search_and_evaluate(inputs: dict, tmp_path: Pa
     assert spec.backbone == "tiny" and spec.image_size == 32 and spec.kind == "linear"
     assert spec.vectors == str(inputs["vectors"]) and spec.vectors_id
     assert sorted(spec.class_keys) == sorted(set(TINY_CLASSES) - {"ship"})
+    # --class-text auto chose among a word table's wordings on pseudo-unseen classes; the tiny
+    # backbone has no ImageNet classifier, so there is no ConSE branch to blend.
+    chosen = json.loads((out / "config.json").read_text())["class_text"]
+    assert spec.class_text == chosen["wording"] in ("name", "names")
+    assert spec.conse_classes == 0 and chosen["conse_weight"] == 0.0
 
     emb = tmp_path / "emb"
     embed = ["embed", "--model", str(out / "model"), "--catalog", str(inputs["catalog"])]
