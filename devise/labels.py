@@ -110,6 +110,10 @@ class ClassVectors:
     names: list[str]
     matrix: np.ndarray
     missing: list[str] = field(default_factory=list)
+    # The backbone classifier's labels (selection.ClassifierLabels) and their (L, D) vectors in
+    # the same wording, for a model's ConSE branch; None when the backbone has no classifier.
+    labels: object | None = None
+    label_vectors: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

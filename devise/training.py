@@ -711,15 +711,16 @@ def _choose_class_text(config, catalog, vectors, classes, x_train, arrays):
             f"(chosen on pseudo-unseen training classes, H {choice.h:.1f})",
             flush=True,
         )
-    matrix = chosen.class_matrix
-    cv = ClassVectors(list(classes.keys), list(classes.names), matrix, list(classes.missing))
-    cv.labels, cv.label_vectors = labels, chosen.label_vectors
+    cv = ClassVectors(
+        list(classes.keys), list(classes.names), chosen.class_matrix, list(classes.missing),
+        labels, chosen.label_vectors,
+    )  # fmt: skip
     return choice, cv
 
 
 def _with_conse(spec: HeadSpec, state: dict, classes) -> DeviseHead:
     """The trained head, with the ConSE branch filled when the backbone has a classifier."""
-    labels = getattr(classes, "labels", None)
+    labels = classes.labels
     if labels is not None:
         spec.conse_classes = len(labels.infos)
     head = DeviseHead(spec)
