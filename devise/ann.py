@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.config import DEFAULT_K, DEFAULT_QUERIES
 from devise.fsutil import fsync_dir
 from devise.similarity import merge_top_k, top_k
 from devise.store import EmbedError, row_id
@@ -51,8 +52,6 @@ AUTO_FLAT_MAX = 1_000_000
 # An incremental version whose added + removed rows exceed this share of its rows is rebuilt
 # (the quantizer was trained on the old distribution).
 REBUILD_FRACTION = 0.2
-DEFAULT_QUERIES = 500
-DEFAULT_K = 10
 
 
 class IndexBuildError(EmbedError):

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 # Held out of training so the demo can show zero-shot search.
-DEFAULT_HOLDOUT = ("sandal", "pullover")
+from devise.config import DEFAULT_HOLDOUT
+
 # Phrases that name no Fashion-MNIST class (shown with the held-out class names).
 EXTRA_QUERIES = ("shoe", "footwear", "running shoes", "winter jacket")
 # Queries whose top 10 should be footwear, and what counts as footwear.

@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from devise.config import EmbedConfig
 from devise.console import progress
 from devise.fsutil import hash_paths, name_problem, stat_paths
 from devise.store import (
-    DEFAULT_CHUNK_ROWS,
-    DEFAULT_KEEP_VERSIONS,
-    DEFAULT_MAX_ERROR_FRACTION,
     ERRORS_FILE,
     FORMAT,
     STAGING_DIR,
@@ -90,36 +88,6 @@ def input_table(
 
 # ---------------------------------------------------------------------------------------------
 # the run
-
-
-@dataclass
-class EmbedConfig:
-    """One embedding run: model, inputs, output folder, resources (all flags)."""
-
-    model_dir: str
-    out: str
-    catalog: str | None = None
-    splits: list[str] | None = None
-    images: str | None = None
-    incremental: bool = False
-    verify: str = "stat"  # "content": also compare a hash of each file's bytes
-    repair: bool = False
-    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
-    batch_size: int = 64
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    decode_cpus: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    torch_threads: int | None = None
-    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
-    executor: str = "auto"  # auto, ray or local (devise.executors.choose_executor)
-    local: bool = False  # the same as executor="local"
-    address: str | None = None  # Ray cluster for the ray executor (default: RAY_ADDRESS)
-    wait_lock_s: float = 0.0
-    stale_lock_s: float = 600.0
-    keep_versions: int = DEFAULT_KEEP_VERSIONS
 
 
 @dataclass

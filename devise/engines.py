@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from devise.config import ENGINES
 from devise.errors import DeviseError
 from devise.fsutil import normal_mode
 from devise.home import devise_home
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnx")
 # Bump when the exported graphs change (inputs, outputs, what the wrapper modules compute).
 GRAPH_FORMAT = 1
 OPSET = 17

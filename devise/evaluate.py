@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from devise.config import EvalConfig
 from devise.errors import DeviseError
 from devise.metrics import (
     choose_gamma,
@@ -31,30 +32,6 @@ METHODS = ("softmax", "ConSE", "DeViSE", COMBINED)
 
 class EvalError(DeviseError, ValueError):
     """An evaluation that cannot run as asked; str() says what to do."""
-
-
-@dataclass
-class EvalConfig:
-    model: str
-    catalog: str
-    out: str
-    feature_cache: str | None = None
-    conse_top: int = 10
-    pseudo_unseen: int | None = None  # classes held out of the training split to pick gamma
-    calibration_draws: int = 5  # pseudo-unseen draws whose H curves are averaged to pick gamma
-    seed: int = 0
-    aux_epochs: int | None = None  # None: the real run's epochs (read from RUN_DIR/config.json)
-    concepts: list[str] | None = None  # group words to score (None: CONCEPT_WORDS)
-    # Ray resources for feature extraction (a cache hit needs none)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0
-    decode_cpus: float | None = None
-    batch_size: int = 64
-    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
-    address: str | None = None
-    local: bool = False  # image pass in this process (devise.executors.run_local), no Ray
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from devise.config import PLACEMENT_STRATEGIES, Resources
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
@@ -17,39 +18,12 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a recorded Ray address to answer before saying it does not.
 PROBE_TIMEOUT_S = 3.0
 LOCAL = "local"
-# How a stage's workers are placed on the cluster's nodes (Ray placement group strategies):
-# PACK fills a node first (fast collectives), SPREAD puts them on different nodes where it can
-# (one lost node takes fewer workers with it), STRICT_* refuse to start otherwise.
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class RayUnavailableError(DeviseError):
     """The Ray cluster to join does not answer (or several could be meant)."""
 
     EXIT_CODE = 69  # EX_UNAVAILABLE
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How wide a stage's Ray work runs; None fields are resolved by `resolve_resources`.
-
-    num_workers: Ray workers of the stage's main work (Train workers, model actors).
-    cpus_per_worker / gpus_per_worker: what each worker asks Ray for (GPUs only with use_gpu).
-    decode_cpus: CPUs per image-decode task. batch_size: images per model batch.
-    engine: what runs the image backbone (auto, torch, onnx; devise.engines.choose_engine).
-    """
-
-    num_workers: int = 2
-    cpus_per_worker: float | None = None
-    decode_cpus: float | None = None
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    batch_size: int = 64
-    engine: str = "auto"
-
-    def as_kwargs(self) -> dict:
-        """The fields as keyword arguments (PipelineConfig takes the same names)."""
-        return asdict(self)
 
 
 def cluster_cpus() -> float:

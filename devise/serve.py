@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -43,15 +43,17 @@ if TYPE_CHECKING:
     from devise.api import Index
 
 
+from devise.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServiceConfig,
+)
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
 
 # The service's defaults, read by its flags (devise/commands/serve.py): this module imports
 # nothing heavy at its top, so `devise --help` can read them.
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_UPLOAD_MB = 10.0
 
 THUMB_SIZES = (16, 512)  # smallest and largest thumbnail edge served
 # The page's files, by the only names a request can ask for.
@@ -60,19 +62,6 @@ WEB_FILES = {
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-
-
-@dataclass
-class ServiceConfig:
-    """What one replica serves and how it follows the embeddings folder."""
-
-    embeddings: str
-    poll_s: float = 2.0  # how often a replica checks CURRENT for a new version
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
-    vectors: str | None = None
-    model: str | None = None
-    allowed_hosts: list[str] | None = None  # Host names accepted (None: any)
-    show_paths: bool = False  # name server folders in /api/info and errors
 
 
 # Per-request limits: one request must not hold the others up.

@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from devise.config import DEFAULT_CHUNK_ROWS, DEFAULT_KEEP_VERSIONS, DEFAULT_MAX_ERROR_FRACTION
 from devise.errors import DeviseError
 from devise.fsutil import atomic_dir, atomic_path, fsync_dir, printable
 
@@ -62,9 +63,6 @@ HASHES_FILE = "hashes.parquet"
 VERSIONS_DIR = "versions"
 STAGING_DIR = "staging"
 DAMAGED_DIR = "damaged"
-DEFAULT_CHUNK_ROWS = 4096
-DEFAULT_KEEP_VERSIONS = 3
-DEFAULT_MAX_ERROR_FRACTION = 0.5
 MISSING_REASON = "file does not exist"
 META_PREFIX = "devise."
 # <seq>-<model_id>: nothing else (no "/", no "..") is ever taken for a version name.

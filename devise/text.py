@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.config import DEFAULT_TEXT_SPACE
 from devise.fsutil import cached_sha256
 from devise.home import devise_home
 from devise.vectors import UnknownWordError, VectorFileError, WordVectors, load_vectors
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_SPACE = "minilm"
 _ENCODE_BATCH = 64
 # What encodes a sentence-transformers folder: auto (onnxruntime when the folder allows it),
 # onnx or torch (sentence-transformers); read when a space is opened, like DEVISE_HOME.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import torch
 
 from devise import console
 from devise.backbones import backbone_info, export_weights, load_backbone
+from devise.config import HEADS, MODES, PRECISIONS, TrainConfig
 from devise.errors import DeviseError
 from devise.fsutil import atomic_path, normal_mode
 from devise.model import DeviseHead, HeadSpec, save_model
@@ -55,9 +55,6 @@ from devise.train_loops import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("cached", "online")
-HEADS = ("mlp", "linear")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKBONE_FILE = "backbone.pt"
 # Test hook (read by the CLI at call time): rank 0 sleeps after this epoch's checkpoint is
 # reported, so a test can kill the run at a known point. Never set it in real runs.
@@ -80,87 +77,6 @@ class TrainStopped(TrainError):
         self.signum, self.epoch = signum, epoch
         self.EXIT_CODE = 128 + signum  # the shell's code for death by that signal
         self.ray_joined_here = False  # Ray was started or joined by the stopped train() call
-
-
-@dataclass
-class TrainConfig:
-    """Everything `devise train` needs; written to RUN_DIR/config.json once resolved."""
-
-    catalog: str
-    out: str
-    vectors: str = "minilm"
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: int | None = None  # None: the backbone's own size
-    head: str = "linear"  # as good as the MLP on Fashion-MNIST, with fewer weights (docs/cli.md)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    dropout: float = 0.2
-    loss: str = "rank"
-    margin: float = 0.1
-    mode: str = "cached"
-    augment_views: int = 0
-    unfreeze_last: bool = False
-    backbone_lr: float | None = None  # --unfreeze-last: lr of the backbone block (default lr/10)
-    max_train_per_class: int | None = None
-    # How class names become text (labels.WORDINGS, or "auto": chosen on pseudo-unseen
-    # training classes) and a class -> description file that replaces WordNet's glosses.
-    class_text: str = "auto"
-    class_text_file: str | None = None
-    # Weight of the backbone classifier's ConSE embedding in every image vector, in [0, 1], or
-    # "auto" (chosen with the wording); needs a backbone with an ImageNet classifier.
-    conse_weight: str = "auto"
-    seed: int = 0
-    precision: str = "auto"
-    # Ray resources
-    num_workers: int = 2
-    use_gpu: bool = False
-    engine: str = "auto"  # image backbone of the feature stage: auto, torch or onnx
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0
-    address: str | None = None
-    placement_strategy: str = "PACK"  # how the Train workers spread over nodes (runtime)
-    decode_cpus: float | None = None
-    embed_workers: int = 1
-    embed_batch_size: int = 64
-    loader_workers: int = 0  # online mode: DataLoader processes per train worker
-    # Storage and fault tolerance
-    storage: str | None = None
-    feature_cache: str | None = None
-    max_failures: int = 3
-    keep_checkpoints: int = 2
-    local: bool = False  # in this process without Ray: one worker, the local feature executor
-    pause_after_epoch: int | None = None  # test hook, see PAUSE_ENV
-
-    # Settings that do not change what a run computes: a rerun may change them and still resume.
-    _RUN_FREE = (
-        "epochs",
-        "num_workers",
-        "use_gpu",
-        "engine",
-        "cpus_per_worker",
-        "gpus_per_worker",
-        "address",
-        "placement_strategy",
-        "decode_cpus",
-        "embed_workers",
-        "embed_batch_size",
-        "loader_workers",
-        "feature_cache",
-        "max_failures",
-        "keep_checkpoints",
-        "local",
-        "pause_after_epoch",
-        "precision",
-    )
-
-    def run_key(self) -> str:
-        """Hash of the settings that define the run; the Ray Train run name derives from it."""
-        data = {k: v for k, v in asdict(self).items() if k not in self._RUN_FREE and k != "out"}
-        data["catalog"] = str(Path(self.catalog).expanduser().resolve())
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from devise.commands.train import DEFAULT_HEAD
+from devise.config import DEFAULT_HEAD, DEFAULT_HOLDOUT, DEFAULT_TEXT_SPACE, HEADS
 from devise.runtime import add_ray_args, preflight
-
-DEFAULT_HOLDOUT = ("sandal", "pullover")  # the demo module's; a test keeps them equal
 
 
 def _names(text: str) -> list[str]:
@@ -45,12 +43,14 @@ def add_cli(subparsers) -> None:
         help="backbone input size (default: 64 for Fashion-MNIST, the backbone's own 224 for "
         "--data: real photos need it)",
     )
-    p.add_argument("--head", default=DEFAULT_HEAD, choices=("linear", "mlp"), help="head kind")
+    p.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="head kind")
     p.add_argument("--epochs", type=int, default=15, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="training batch per worker")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("-k", type=int, default=10, help="results per search")
-    p.add_argument("--vectors", default="minilm", help="text space to train and search with")
+    p.add_argument(
+        "--vectors", default=DEFAULT_TEXT_SPACE, help="text space to train and search with"
+    )
     p.add_argument(
         "--compare",
         type=_names,

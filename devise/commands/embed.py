@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from devise.config import DEFAULT_CHUNK_ROWS, DEFAULT_KEEP_VERSIONS, DEFAULT_MAX_ERROR_FRACTION
 from devise.runtime import LOCAL_HELP, add_ray_args, preflight
-
-DEFAULT_CHUNK_ROWS = 4096  # the store's; a test keeps them equal
-DEFAULT_KEEP_VERSIONS = 3
-DEFAULT_MAX_ERROR_FRACTION = 0.5
 
 
 def add_cli(subparsers) -> None:

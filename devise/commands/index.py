@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from devise.config import DEFAULT_QUERIES, INDEX_KINDS
 from devise.runtime import LOCAL_HELP
-
-KINDS = ("flat", "ivf-pq", "hnsw")  # devise.ann.KINDS; a test keeps them equal
-DEFAULT_QUERIES = 500  # devise.ann.DEFAULT_QUERIES
 
 
 def add_cli(subparsers) -> None:
@@ -20,7 +18,7 @@ def add_cli(subparsers) -> None:
         "the index extra: pip install 'devise[index]'.",
     )
     p.add_argument("embeddings", metavar="EMB", help="embeddings folder (EMB_DIR)")
-    p.add_argument("--kind", default="auto", choices=["auto", *KINDS], help="index kind")
+    p.add_argument("--kind", default="auto", choices=["auto", *INDEX_KINDS], help="index kind")
     p.add_argument(
         "--target-recall",
         type=float,

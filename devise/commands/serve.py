@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # The module holds no heavy import at its top (stdlib and devise.errors only).
-from devise.serve import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
+from devise.config import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
 
 
 def add_cli(subparsers) -> None:
