@@ -45,10 +45,11 @@ def _images(args: argparse.Namespace):
 def run_demo(args: argparse.Namespace) -> dict:
     from devise import assets
     from devise.catalog import build_catalog, write_catalog
+    from devise.commands.common import resources_from_args
     from devise.embed import EmbedConfig, embed
     from devise.evaluate import CONCEPT_WORDS, EvalConfig, evaluate
     from devise.fsutil import check_output_dir
-    from devise.runtime import init_ray, resolve_resources, resources_from_args
+    from devise.runtime import init_ray, resolve_resources
     from devise.search import EmbeddingIndex, montage, search_text
     from devise.text import load_text_space
     from devise.training import TrainConfig, train

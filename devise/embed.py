@@ -305,7 +305,8 @@ def _executor_choice(args: argparse.Namespace):
 def run_cli(args: argparse.Namespace) -> int:
     """`devise embed` (flags: devise/commands/embed.py). SIGTERM or Ctrl-C stops the run with
     one line (exit 143 or 130), finished chunks kept for the rerun."""
-    from devise.runtime import init_ray, resolve_resources, resources_from_args
+    from devise.commands.common import resources_from_args
+    from devise.runtime import init_ray, resolve_resources
 
     if args.splits is not None and args.catalog is None:
         raise EmbedError("--splits applies to --catalog only.")

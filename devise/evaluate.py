@@ -668,7 +668,8 @@ def markdown_report(report: dict) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`devise evaluate` (flags: devise/commands/evaluate.py)."""
-    from devise.runtime import init_ray, resolve_resources, resources_from_args
+    from devise.commands.common import resources_from_args
+    from devise.runtime import init_ray, resolve_resources
 
     if not Path(args.model).exists():
         raise EvalError(f"Model folder {args.model} does not exist; train one with `devise train`.")

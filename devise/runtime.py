@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -10,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from devise.config import PLACEMENT_STRATEGIES, Resources
+from devise.config import Resources
 from devise.errors import DeviseError
 
 log = logging.getLogger(__name__)
@@ -55,35 +54,6 @@ def resolve_resources(res: Resources, total_cpus: float | None = None) -> Resour
     return replace(res, cpus_per_worker=cpus, decode_cpus=decode)
 
 
-def resources_from_args(args: argparse.Namespace) -> Resources:
-    """The Resources named by a stage's flags (add_ray_args), not yet resolved."""
-    return Resources(
-        num_workers=args.num_workers,
-        cpus_per_worker=args.cpus_per_worker,
-        decode_cpus=getattr(args, "decode_cpus", None),
-        use_gpu=args.use_gpu,
-        gpus_per_worker=args.gpus_per_worker,
-        batch_size=getattr(args, "batch_size", Resources.batch_size),
-        engine=getattr(args, "engine", Resources.engine),
-    )
-
-
-# What every stage's --local means; add_ray_args(local_help=LOCAL_HELP + what differs there).
-LOCAL_HELP = (
-    "run in this process without Ray, for small jobs on one machine, where starting Ray would "
-    "take longer than the work"
-)
-
-
-class _StoreGiven(argparse.Action):
-    """Store the value and note the flag in namespace.given, so a stage can tell a flag the user
-    gave from its default (--local refuses --num-workers 4, not the default)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.given = {*getattr(namespace, "given", ()), self.dest}
-
-
 def check_local(local: bool, address: str | None, num_workers: int | None = None) -> None:
     """One sentence (DeviseError) for a flag --local cannot honour: --address (there is no Ray
     to join) and, where the local run has one worker, --num-workers above 1 (pass the number
@@ -100,69 +70,6 @@ def check_local(local: bool, address: str | None, num_workers: int | None = None
             f"--local runs one worker in this process, so --num-workers {num_workers} cannot "
             "apply; drop one of them."
         )
-
-
-def given_workers(args: argparse.Namespace) -> int | None:
-    """--num-workers when the user gave it on the command line, else None (its default)."""
-    return args.num_workers if "num_workers" in getattr(args, "given", ()) else None
-
-
-def add_ray_args(
-    parser: argparse.ArgumentParser,
-    workers_help: str = "Ray workers",
-    num_workers: int = 2,
-    local_help: str | None = None,
-    placement: bool = False,
-) -> None:
-    """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
-
-    local_help: when given, the stage also takes --local (run in this process without Ray);
-    start it with LOCAL_HELP so the flag reads the same everywhere. placement: the stage's
-    workers form a placement group, and --placement-strategy says how it spreads over nodes.
-    """
-    g = parser.add_argument_group("Ray resources")
-    g.add_argument(
-        "--num-workers",
-        type=int,
-        action=_StoreGiven,
-        default=num_workers,
-        help=f"Ray workers of this stage's main work: {workers_help}",
-    )
-    g.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=None,
-        help="CPUs each worker asks Ray for (default: 1, or a fair share on a small machine)",
-    )
-    g.add_argument("--use-gpu", action="store_true", help="GPUs for the workers")
-    g.add_argument(
-        "--engine",
-        choices=("auto", "torch", "onnx"),
-        default="auto",
-        help="what runs the image backbone: onnx (onnxruntime, CPU only), torch, or auto "
-        "(default: torch with --use-gpu, else onnx); the choice is printed",
-    )
-    g.add_argument(
-        "--gpus-per-worker", type=float, default=1.0, help="GPUs each worker asks for (--use-gpu)"
-    )
-    g.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join; 'local' starts a fresh local Ray (default: RAY_ADDRESS, "
-        "else the cluster `ray start` recorded on this machine, else a new local Ray)",
-    )
-    if placement:
-        g.add_argument(
-            "--placement-strategy",
-            default="PACK",
-            type=str.upper,
-            choices=PLACEMENT_STRATEGIES,
-            help="how the workers spread over the cluster's nodes: PACK (fill a node first), "
-            "SPREAD (different nodes where possible, so losing one node loses fewer workers), "
-            "STRICT_SPREAD (different nodes or wait for them), STRICT_PACK (one node)",
-        )
-    if local_help:
-        g.add_argument("--local", action="store_true", help=local_help)
 
 
 # ---------------------------------------------------------------------------------------------

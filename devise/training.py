@@ -95,8 +95,9 @@ class TrainResult:
 
 
 def _validate(config: TrainConfig) -> None:
+    from devise.config import PLACEMENT_STRATEGIES
     from devise.losses import LOSSES
-    from devise.runtime import PLACEMENT_STRATEGIES, check_local
+    from devise.runtime import check_local
 
     if config.loss not in LOSSES:
         raise TrainError(f"Unknown loss {config.loss!r}; choose 'rank' or 'cosine'.")

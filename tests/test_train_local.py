@@ -195,7 +195,7 @@ def test_local_flag_is_defined_once_with_when_to_use_it(capsys) -> None:
             cli.main([command, "--help"])
         text = re.sub(r"\s+", " ", capsys.readouterr().out)
         assert "--local run in this process without Ray, for small jobs on one machine" in text
-    from devise.runtime import given_workers
+    from devise.commands.common import given_workers
 
     p = cli.build_parser(command="train")
     base = ["--catalog", "c", "--out", "o", "--local"]

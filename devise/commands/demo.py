@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from devise.commands.common import add_ray_args
 from devise.config import DEFAULT_HEAD, DEFAULT_HOLDOUT, DEFAULT_TEXT_SPACE, HEADS
-from devise.runtime import add_ray_args, preflight
+from devise.runtime import preflight
 
 
 def _names(text: str) -> list[str]:

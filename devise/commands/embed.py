@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from devise.commands.common import LOCAL_HELP, add_ray_args
 from devise.config import DEFAULT_CHUNK_ROWS, DEFAULT_KEEP_VERSIONS, DEFAULT_MAX_ERROR_FRACTION
-from devise.runtime import LOCAL_HELP, add_ray_args, preflight
+from devise.runtime import preflight
 
 
 def add_cli(subparsers) -> None:

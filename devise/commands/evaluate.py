@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from devise.runtime import LOCAL_HELP, add_ray_args, check_local, preflight
+from devise.commands.common import LOCAL_HELP, add_ray_args
+from devise.runtime import check_local, preflight
 
 
 def add_cli(subparsers) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from devise.commands.common import LOCAL_HELP, add_address_arg
 from devise.config import DEFAULT_QUERIES, INDEX_KINDS
-from devise.runtime import LOCAL_HELP
 
 
 def add_cli(subparsers) -> None:
@@ -37,12 +37,7 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--num-tasks", type=int, default=4, help="parallel Ray tasks adding vectors")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each task asks for")
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (default: RAY_ADDRESS, else the cluster `ray start` "
-        "recorded, else a new local Ray)",
-    )
+    add_address_arg(p)
     p.add_argument(
         "--wait-lock",
         type=float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 # The module holds no heavy import at its top (stdlib and devise.errors only).
+from devise.commands.common import add_address_arg
 from devise.config import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
 
 
@@ -39,9 +40,7 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--vectors", help="word vectors (default: those named in the model spec)")
     p.add_argument("--model", help="model folder for image queries (default: the one embedded)")
-    p.add_argument(
-        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
-    )
+    add_address_arg(p)
     p.add_argument(
         "--show-paths",
         action="store_true",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from devise.commands.common import LOCAL_HELP, add_ray_args, given_workers
 from devise.config import DEFAULT_HEAD, HEADS
-from devise.runtime import LOCAL_HELP, add_ray_args, check_local, given_workers, preflight
+from devise.runtime import check_local, preflight
 from devise.wordnet import WORDINGS
 
 
