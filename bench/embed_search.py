@@ -92,7 +92,8 @@ def run_embed(
     import ray
 
     from devise.assets import fashion_mnist_tree
-    from devise.embed import EmbedConfig, embed
+    from devise.config import EmbedConfig, Resources
+    from devise.embed import embed
     from devise.images import is_image_path
     from devise.runtime import init_ray
 
@@ -115,10 +116,7 @@ def run_embed(
         model_dir=str(model),
         out=str(out),
         images=str(tree),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        cpus_per_worker=cpus_per_worker,
-        decode_cpus=cpus_per_worker,
+        resources=Resources(num_workers, cpus_per_worker, cpus_per_worker, batch_size=batch_size),
     )
     result = embed(config)
     if started_here:

@@ -154,7 +154,8 @@ def run_embedding(work: Path, images: int, size: int) -> dict:
     import embed_search
 
     from devise.assets import fashion_mnist_tree
-    from devise.embed import EmbedConfig, embed
+    from devise.config import EmbedConfig, Resources
+    from devise.embed import embed
     from devise.engines import OnnxBackbone
     from devise.images import is_image_path
 
@@ -170,7 +171,7 @@ def run_embedding(work: Path, images: int, size: int) -> dict:
         emb = work / f"emb-{size}-{engine}"
         shutil.rmtree(emb, ignore_errors=True)
         t0 = time.perf_counter()
-        r = embed(EmbedConfig(model_dir=str(model), out=str(emb), images=str(tree), engine=engine,
+        r = embed(EmbedConfig(model_dir=str(model), out=str(emb), images=str(tree), resources=Resources(engine=engine),
                               executor="local"))  # fmt: skip
         assert r.rows == len(paths), r
         return time.perf_counter() - t0

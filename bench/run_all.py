@@ -95,7 +95,8 @@ def run_end_to_end(per_class: int, image_size: int, work: Path) -> dict:
     against the notebook's loop (model load, DataLoader loop, np.save), each at devise's
     default batch size. Python's own start and `import torch` are in neither."""
     from devise.assets import fashion_mnist_tree
-    from devise.embed import EmbedConfig, embed
+    from devise.config import EmbedConfig
+    from devise.embed import embed
 
     tree = fashion_mnist_tree(per_class=per_class)
     paths = _images(per_class)
@@ -136,8 +137,9 @@ def run_ray_pipeline(per_class: int, image_size: int, batch: int, workers: int, 
     import pandas as pd
     import ray
 
+    from devise.config import PipelineConfig, Resources
     from devise.features import extract_features
-    from devise.pipeline import PipelineConfig, decode_batch, run_images
+    from devise.pipeline import decode_batch, run_images
     from devise.runtime import init_ray
 
     paths = _images(per_class)
@@ -149,8 +151,7 @@ def run_ray_pipeline(per_class: int, image_size: int, batch: int, workers: int, 
     init_ray()
     config = PipelineConfig(
         backbone="efficientnet_lite0", image_size=image_size, head_dir=str(model),
-        batch_size=batch, num_workers=workers, cpus_per_worker=cpus, decode_cpus=decode_cpus,
-        torch_threads=threads,
+        resources=Resources(workers, cpus, decode_cpus, batch_size=batch), torch_threads=threads,
     )  # fmt: skip
     # Warm-up: the first Ray Data run of a session starts worker processes (imports of torch).
     for _ in run_images(pd.DataFrame({"path": paths[:batch]}), config):
@@ -170,8 +171,8 @@ def run_ray_pipeline(per_class: int, image_size: int, batch: int, workers: int, 
     t0 = time.perf_counter()
     fs = extract_features(
         catalog, "efficientnet_lite0", image_size=image_size, cache_dir=work / "features",
-        pipeline=PipelineConfig(batch_size=batch, num_workers=workers, cpus_per_worker=cpus,
-                                decode_cpus=decode_cpus, torch_threads=threads),
+        pipeline=PipelineConfig(resources=Resources(workers, cpus, decode_cpus, batch_size=batch),
+                                torch_threads=threads),
     )  # fmt: skip
     features_ips = len(fs) / (time.perf_counter() - t0)
     ceiling_after = ceiling_ips(model, decoded["image"], batch)

@@ -43,8 +43,9 @@ def run(
     ratio of median later-epoch times (online / cached)."""
     from devise import assets
     from devise.catalog import build_catalog, write_catalog
+    from devise.config import Resources, TrainConfig
     from devise.runtime import init_ray
-    from devise.training import TrainConfig, train
+    from devise.training import train
 
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="devise-bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -74,8 +75,7 @@ def run(
             epochs=epochs,
             batch_size=batch_size,
             mode=mode,
-            num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker,
+            resources=Resources(num_workers, cpus_per_worker),
             feature_cache=str(work / f"features-{stamp}"),  # fresh: the one-off cost is real
             embed_workers=1,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 # Text and image sides
@@ -61,9 +61,29 @@ class Resources:
     batch_size: int = 64
     engine: str = "auto"
 
-    def as_kwargs(self) -> dict:
-        """The fields as keyword arguments (PipelineConfig takes the same names)."""
-        return asdict(self)
+    @classmethod
+    def of(cls, value: Resources | dict | None, default: Resources | None = None) -> Resources:
+        """value as Resources: itself, or the dict a config.json holds (None: default)."""
+        if value is None:
+            return default or cls()
+        return value if isinstance(value, Resources) else cls(**value)
+
+
+def _with_resources(cls, data: dict):
+    """cls(**data), with data["resources"] read back from the dict a JSON file holds."""
+    data = dict(data)
+    if "resources" in data:
+        default = next(f.default for f in fields(cls) if f.name == "resources")
+        data["resources"] = Resources.of(data["resources"], default)
+    return cls(**data)
+
+
+# Each stage's default resources: Train workers + feature actors, evaluation's feature pass, an
+# embedding run, the image pipeline itself (a whole CPU per model actor and decode task).
+TRAIN_RESOURCES = Resources()
+EVAL_RESOURCES = Resources(num_workers=1)
+EMBED_RESOURCES = Resources(num_workers=2)
+PIPELINE_RESOURCES = Resources(num_workers=1, cpus_per_worker=1.0, decode_cpus=1.0)
 
 
 @dataclass
@@ -98,17 +118,13 @@ class TrainConfig:
     conse_weight: str = "auto"
     seed: int = 0
     precision: str = "auto"
-    # Ray resources
-    num_workers: int = 2
-    use_gpu: bool = False
-    engine: str = "auto"  # image backbone of the feature stage: auto, torch or onnx
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0
+    # Where and how wide: num_workers Ray Train workers (cpus_per_worker, use_gpu, gpus_per_worker
+    # each); the feature stage runs embed_workers backbone actors on batch_size images with the
+    # engine, and decode tasks of decode_cpus.
+    resources: Resources = TRAIN_RESOURCES
+    embed_workers: int = 1
     address: str | None = None
     placement_strategy: str = "PACK"  # how the Train workers spread over nodes (runtime)
-    decode_cpus: float | None = None
-    embed_workers: int = 1
-    embed_batch_size: int = 64
     loader_workers: int = 0  # online mode: DataLoader processes per train worker
     # Storage and fault tolerance
     storage: str | None = None
@@ -121,16 +137,10 @@ class TrainConfig:
     # Settings that do not change what a run computes: a rerun may change them and still resume.
     _RUN_FREE = (
         "epochs",
-        "num_workers",
-        "use_gpu",
-        "engine",
-        "cpus_per_worker",
-        "gpus_per_worker",
+        "resources",
         "address",
         "placement_strategy",
-        "decode_cpus",
         "embed_workers",
-        "embed_batch_size",
         "loader_workers",
         "feature_cache",
         "max_failures",
@@ -146,9 +156,16 @@ class TrainConfig:
         data["catalog"] = str(Path(self.catalog).expanduser().resolve())
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The config a RUN_DIR/config.json holds."""
+        return _with_resources(cls, data)
+
 
 @dataclass
 class EvalConfig:
+    """`devise evaluate`: a trained model scored on a catalog's test and held-out rows."""
+
     model: str
     catalog: str
     out: str
@@ -159,14 +176,7 @@ class EvalConfig:
     seed: int = 0
     aux_epochs: int | None = None  # None: the real run's epochs (read from RUN_DIR/config.json)
     concepts: list[str] | None = None  # group words to score (None: CONCEPT_WORDS)
-    # Ray resources for feature extraction (a cache hit needs none)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0
-    decode_cpus: float | None = None
-    batch_size: int = 64
-    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
+    resources: Resources = EVAL_RESOURCES  # the feature pass (a cache hit needs none)
     address: str | None = None
     local: bool = False  # image pass in this process (devise.executors.run_local), no Ray
 
@@ -184,21 +194,38 @@ class EmbedConfig:
     verify: str = "stat"  # "content": also compare a hash of each file's bytes
     repair: bool = False
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
-    batch_size: int = 64
     chunk_rows: int = DEFAULT_CHUNK_ROWS
-    num_workers: int = 2
-    cpus_per_worker: float = 1.0
-    decode_cpus: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
+    resources: Resources = EMBED_RESOURCES  # model actors, decode tasks, batch, engine
     torch_threads: int | None = None
-    engine: str = "auto"  # image backbone: auto, torch or onnx (devise.engines.choose_engine)
     executor: str = "auto"  # auto, ray or local (devise.executors.choose_executor)
     local: bool = False  # the same as executor="local"
     address: str | None = None  # Ray cluster for the ray executor (default: RAY_ADDRESS)
     wait_lock_s: float = 0.0
     stale_lock_s: float = 600.0
     keep_versions: int = DEFAULT_KEEP_VERSIONS
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbedConfig:
+        """The config as asdict() wrote it (a job passing it on as JSON)."""
+        return _with_resources(cls, data)
+
+
+@dataclass
+class PipelineConfig:
+    """How to run the image pipeline: model, sizes and Ray resources (all flags, no defaults
+    hidden in the code that runs them)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    image_size: int | None = None
+    head_dir: str | None = None  # None: output backbone features; else head embeddings
+    # num_workers actors run the model on batch_size images; cpus_per_worker None: a fair share
+    # of a small cluster (executors.run_ray); decode_cpus None: min(1, cpus_per_worker).
+    resources: Resources = PIPELINE_RESOURCES
+    torch_threads: int | None = None  # CPU threads per actor; None: torch's default
+    blocks: int | None = None  # number of input blocks; None: enough to keep every actor busy
+    decode_workers: int | None = None  # local executor's decode processes; None: cores / 4
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass

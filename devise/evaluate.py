@@ -3,7 +3,6 @@ zero-shot, retrieval P@10/mAP, with softmax and ConSE baselines on the same feat
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -13,21 +12,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from devise.config import EvalConfig
+from devise.config import EvalConfig, PipelineConfig
 from devise.errors import DeviseError
 from devise.metrics import (
+    KS,
     choose_gamma,
     generalized_zero_shot,
     hit_at_k,
     retrieval_metrics,
 )
+from devise.report import COMBINED, confusion_png, write_report
 from devise.similarity import normalize_rows
 
 log = logging.getLogger(__name__)
-KS = (1, 2, 5, 10)
-# The model's default scorer when it blends DeViSE with its backbone's ConSE (HeadSpec).
-COMBINED = "DeViSE+ConSE"
-METHODS = ("softmax", "ConSE", "DeViSE", COMBINED)
 
 
 class EvalError(DeviseError, ValueError):
@@ -104,7 +101,7 @@ class TrainRecipe:
             recipe = cls(
                 epochs=int(cfg["epochs"]),
                 lr=float(cfg["lr"]),
-                batch_size=int(cfg["batch_size"]) * max(1, int(cfg.get("num_workers") or 1)),
+                batch_size=int(cfg["batch_size"]) * max(1, _train_workers(cfg)),
                 weight_decay=float(cfg.get("weight_decay") or 0.0),
                 loss=str(cfg.get("loss") or "rank"),
                 margin=float(cfg.get("margin") or 0.1),
@@ -112,6 +109,12 @@ class TrainRecipe:
             return recipe, str(path)
         except (OSError, ValueError, KeyError, TypeError):
             return cls(), "defaults (no readable run config.json next to the model)"
+
+
+def _train_workers(cfg: dict) -> int:
+    """The Train workers a run's config.json names (its resources; older runs: at the top)."""
+    res = cfg.get("resources") or {}
+    return int(res.get("num_workers") or cfg.get("num_workers") or 1)
 
 
 def fit_aux_head(
@@ -255,16 +258,60 @@ def _choose_gamma_on_training_split(spec, fs, train_keys, class_matrix, config, 
     }
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """Run every measurement and write metrics.json, report.md and confusion.png to config.out.
+@dataclass
+class _Classes:
+    """The evaluated classes: seen (the model's) first, then unseen, with their vectors."""
 
-    Features not in the cache yet are computed by the Ray Data pipeline (Ray must be
-    initialised), or with config.local by the local executor in this process."""
+    seen_keys: list[str]
+    seen_names: list[str]
+    seen_matrix: np.ndarray
+    unseen_keys: list[str]
+    unseen_names: list[str]
+    unseen_matrix: np.ndarray
+
+    @property
+    def keys(self) -> list[str]:
+        return self.seen_keys + self.unseen_keys
+
+    @property
+    def names(self) -> list[str]:
+        return self.seen_names + self.unseen_names
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.concatenate([self.seen_matrix, self.unseen_matrix])
+
+    @property
+    def is_unseen(self) -> np.ndarray:
+        """(C,) bool over keys: the held-out classes."""
+        return np.arange(len(self.keys)) >= len(self.seen_keys)
+
+    def targets(self, labels) -> np.ndarray:
+        """Each label's row in keys, -1 for a class not evaluated."""
+        index = {k: i for i, k in enumerate(self.keys)}
+        return np.array([index.get(k, -1) for k in labels])
+
+
+def _classes(spec, catalog, vectors) -> _Classes:
+    seen_keys = list(spec.class_keys)
+    names = catalog.groupby("label")["class_name"].first().to_dict()
+    unseen_keys = sorted(set(catalog.loc[catalog["split"] == "unseen", "label"]) - set(seen_keys))
+    wording = spec.class_text
+    seen_names = [names.get(k, n) for k, n in zip(seen_keys, spec.class_names)]
+    seen = _class_matrix(seen_keys, seen_names, vectors, wording)
+    if unseen_keys:
+        unseen = _class_matrix(unseen_keys, [names[k] for k in unseen_keys], vectors, wording)
+    else:
+        unseen = ([], [], np.zeros((0, seen[2].shape[1]), np.float32))
+    return _Classes(*seen, *unseen)
+
+
+def _read(config: EvalConfig):
+    """The model, the catalog, its text space and the backbone features of every row."""
     from devise.catalog import read_catalog
     from devise.features import extract_features
     from devise.model import load_model
-    from devise.pipeline import PipelineConfig
-    from devise.runtime import Resources, resolve_resources
+    from devise.runtime import resolve_resources
     from devise.text import check_same_space, load_text_space
 
     head = load_model(config.model)
@@ -279,163 +326,142 @@ def evaluate(config: EvalConfig) -> dict:
         )
     vectors = load_text_space(spec.vectors)
     check_same_space(spec.vectors_id, vectors, f"Model {config.model}")
-    res = Resources(
-        config.num_workers, config.cpus_per_worker, config.decode_cpus, config.use_gpu,
-        config.gpus_per_worker, config.batch_size, config.engine,
-    )  # fmt: skip
-    pipeline = PipelineConfig(**resolve_resources(res).as_kwargs())
+    pipeline = PipelineConfig(resources=resolve_resources(config.resources))
     fs = extract_features(
         catalog, spec.backbone, spec.backbone_weights, spec.image_size, 0,
         config.feature_cache, config.seed, pipeline, local=config.local,
     )  # fmt: skip
+    return head, catalog, vectors, fs
 
-    seen_keys = list(spec.class_keys)
-    names = catalog.groupby("label")["class_name"].first().to_dict()
-    unseen_keys = sorted(set(catalog.loc[catalog["split"] == "unseen", "label"]) - set(seen_keys))
-    wording = spec.class_text
-    seen_keys, seen_names, seen_matrix = _class_matrix(
-        seen_keys, [names.get(k, n) for k, n in zip(seen_keys, spec.class_names)], vectors, wording
+
+def _representations(head, vectors, config: EvalConfig, test, unseen, train):
+    """Each method's image vectors in the word space (None where it has none), the note on
+    ConSE's labels, and the model's ConSE function (None without its own branch)."""
+    spec = head.spec
+    reps: dict[str, dict[str, np.ndarray | None]] = {
+        "DeViSE": {"test": _embed(head.devise, test.features), "unseen": _embed(head.devise, unseen.features)}
+    }  # fmt: skip
+    if not spec.conse_classes:
+        reps["ConSE"], note = _conse_from_backbone(spec, vectors, config, test, unseen, train)
+        return reps, note, None
+
+    def conse_fn(x):  # the model's own ConSE branch, its labels in the model's wording
+        return _embed(head.conse, x)
+
+    reps["ConSE"] = {s: conse_fn(part.features) for s, part in (("test", test), ("unseen", unseen), ("train", train))}  # fmt: skip
+    known = int(head.label_known.sum())
+    note = (
+        f"{known}/{spec.conse_classes} ImageNet classes have a vector in {vectors.id} "
+        f"(worded as {spec.class_text})"
     )
-    if unseen_keys:
-        unseen_keys, unseen_names, unseen_matrix = _class_matrix(
-            unseen_keys, [names[k] for k in unseen_keys], vectors, wording
-        )
-    else:
-        unseen_names, unseen_matrix = [], np.zeros((0, seen_matrix.shape[1]), np.float32)
-    all_keys = seen_keys + unseen_keys
-    all_names = seen_names + unseen_names
-    all_matrix = np.concatenate([seen_matrix, unseen_matrix])
-    key_index = {k: i for i, k in enumerate(all_keys)}
-    unseen_classes = np.arange(len(all_keys)) >= len(seen_keys)
+    if spec.conse_weight > 0:
+        reps[COMBINED] = {"test": _embed(head, test.features), "unseen": _embed(head, unseen.features)}  # fmt: skip
+    return reps, note, conse_fn
 
-    test = fs.select(splits=["test"], views=[0])
-    unseen = fs.select(splits=["unseen"], views=[0])
-    train = fs.select(splits=["train"], views=[0])
-    t_test = np.array([key_index.get(k, -1) for k in test.labels])
-    t_unseen = np.array([key_index.get(k, -1) for k in unseen.labels])
+
+def _softmax_scores(config: EvalConfig, classes: _Classes, train, test) -> np.ndarray:
+    """The softmax baseline: a linear classifier over the seen classes, on the same features."""
+    t_train = classes.targets(train.labels)
+    ok = t_train >= 0
+    softmax = fit_softmax(train.features[ok], t_train[ok], len(classes.seen_keys), seed=config.seed)
+    with torch.no_grad():
+        return softmax(torch.from_numpy(test.features.astype(np.float32))).numpy()
+
+
+def _gammas(config, spec, fs, classes: _Classes, reps: dict, train, conse_fn) -> tuple[dict, dict]:
+    """Calibrated stacking's γ per method, each chosen on the training split; (γs, details)."""
+    seen = classes.seen_keys
+    info = _choose_gamma_on_training_split(spec, fs, seen, classes.seen_matrix, config, conse_fn)
+    gammas = {"DeViSE": info["gamma"], "ConSE": 0.0, COMBINED: info.get("gamma_combined", 0.0)}
+    if reps["ConSE"]["test"] is not None and info.get("pseudo_unseen"):
+        # ConSE has no training: its constant is chosen on the training split's images directly,
+        # with the same pseudo-unseen classes.
+        t_train = classes.targets(train.labels)
+        ok = t_train >= 0
+        pseudo = np.isin(np.array(seen), info["pseudo_unseen"])
+        gammas["ConSE"] = choose_gamma(
+            reps["ConSE"]["train"][ok] @ classes.seen_matrix.T, t_train[ok], pseudo[t_train[ok]], pseudo
+        )  # fmt: skip
+    return gammas, info
+
+
+def _score(rep: dict, classes: _Classes, t_test, t_unseen, gamma: float, concepts, vectors):
+    """One method's row: flat hit@k, and with unseen classes zero-shot, generalized, GZSL,
+    retrieval and group words; also the scores and targets of all evaluated images."""
     test_ok, unseen_ok = t_test >= 0, t_unseen >= 0
+    row: dict = {
+        "flat": hit_at_k(rep["test"][test_ok] @ classes.seen_matrix.T, t_test[test_ok], KS)
+    }
+    if not classes.unseen_keys:
+        return row, None, None
+    n_seen, matrix = len(classes.seen_keys), classes.matrix
+    unseen_rep = rep["unseen"][unseen_ok]
+    row["zero_shot"] = hit_at_k(
+        unseen_rep @ classes.unseen_matrix.T, t_unseen[unseen_ok] - n_seen, KS
+    )
+    row["generalized_hit"] = hit_at_k(unseen_rep @ matrix.T, t_unseen[unseen_ok], KS)
+    both = np.concatenate([rep["test"][test_ok], unseen_rep])
+    targets = np.concatenate([t_test[test_ok], t_unseen[unseen_ok]])
+    is_unseen = np.arange(len(targets)) >= test_ok.sum()
+    scores = both @ matrix.T
+    row["gzsl"] = generalized_zero_shot(scores, targets, is_unseen, classes.is_unseen, 0.0)
+    row["gzsl_calibrated"] = generalized_zero_shot(
+        scores, targets, is_unseen, classes.is_unseen, gamma
+    )
+    # Retrieval: each class name queries the embedded test + unseen images.
+    relevant = targets[None, :] == np.arange(len(classes.keys))[:, None]
+    row["retrieval"] = retrieval_metrics(matrix @ both.T, relevant, 10)
+    if concepts:
+        row["concepts"] = _concept_precision(concepts, vectors, both, targets)
+    return row, scores, targets  # fmt: skip
 
+
+def _draw_confusions(out: Path, scores, targets, classes: _Classes, gamma: float) -> None:
+    """confusion.png (raw cosine) and confusion_calibrated.png (seen scores − γ)."""
+    for g, name, title in (
+        (0.0, "confusion.png", "uncalibrated (raw cosine, γ = 0)"),
+        (gamma, "confusion_calibrated.png", f"calibrated stacking (seen scores − γ, γ = {gamma:.3f})"),
+    ):  # fmt: skip
+        shifted = scores - g * (~classes.is_unseen)[None, :]
+        confusion_png(shifted, targets, classes.names, classes.is_unseen, out / name, title)
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run every measurement and write metrics.json, report.md and confusion.png to config.out.
+
+    Features not in the cache yet are computed by the Ray Data pipeline (Ray must be
+    initialised), or with config.local by the local executor in this process."""
+    head, catalog, vectors, fs = _read(config)
+    spec = head.spec
+    classes = _classes(spec, catalog, vectors)
+    test, unseen, train = (fs.select(splits=[s], views=[0]) for s in ("test", "unseen", "train"))
+    t_test, t_unseen = classes.targets(test.labels), classes.targets(unseen.labels)
     counts = {
         "train_images": len(train),
-        "test_images": int(test_ok.sum()),
-        "unseen_images": int(unseen_ok.sum()),
-        "seen_classes": len(seen_keys),
-        "unseen_classes": len(unseen_keys),
+        "test_images": int((t_test >= 0).sum()),
+        "unseen_images": int((t_unseen >= 0).sum()),
+        "seen_classes": len(classes.seen_keys),
+        "unseen_classes": len(classes.unseen_keys),
         "decode_errors": len(fs.errors),
     }
     log.info("Evaluating on %s", counts)
-
-    # Representations of each method: (N, D) in the word space, or None where it has none.
-    reps: dict[str, dict[str, np.ndarray | None]] = {}
-    reps["DeViSE"] = {
-        "test": _embed(head.devise, test.features),
-        "unseen": _embed(head.devise, unseen.features),
-    }
-    conse_note = ""
-    conse_fn = None
-    if spec.conse_classes:
-        # The model's own ConSE branch: its classifier and its labels in the model's wording.
-
-        def conse_fn(x):
-            return _embed(head.conse, x)
-
-        reps["ConSE"] = {
-            "test": conse_fn(test.features),
-            "unseen": conse_fn(unseen.features),
-            "train": conse_fn(train.features),
-        }
-        known = int(head.label_known.sum())
-        conse_note = (
-            f"{known}/{spec.conse_classes} ImageNet classes have a vector in {vectors.id} "
-            f"(worded as {wording})"
-        )
-    if spec.conse_classes and spec.conse_weight > 0:
-        reps[COMBINED] = {
-            "test": _embed(head, test.features),
-            "unseen": _embed(head, unseen.features),
-        }
-    if not spec.conse_classes:
-        reps["ConSE"], conse_note = _conse_from_backbone(spec, vectors, config, test, unseen, train)
-
-    softmax = fit_softmax(
-        train.features[[k in key_index for k in train.labels]],
-        np.array([key_index[k] for k in train.labels if k in key_index]),
-        len(seen_keys),
-        seed=config.seed,
-    )
-    with torch.no_grad():
-        softmax_test = softmax(torch.from_numpy(test.features.astype(np.float32))).numpy()
-
-    rows: dict[str, dict] = {}
+    reps, conse_note, conse_fn = _representations(head, vectors, config, test, unseen, train)
     default_method = COMBINED if COMBINED in reps else "DeViSE"
-    gamma_info = _choose_gamma_on_training_split(spec, fs, seen_keys, seen_matrix, config, conse_fn)
-    gammas = {
-        "DeViSE": gamma_info["gamma"],
-        "ConSE": 0.0,
-        COMBINED: gamma_info.get("gamma_combined", 0.0),
-    }
-    if reps["ConSE"]["test"] is not None and gamma_info.get("pseudo_unseen"):
-        # ConSE has no training: its constant is chosen on the training split's images directly,
-        # with the same pseudo-unseen classes.
-        t_train = np.array([key_index.get(k, -1) for k in train.labels])
-        ok = t_train >= 0
-        pseudo = np.isin(np.array(seen_keys), gamma_info["pseudo_unseen"])
-        gammas["ConSE"] = choose_gamma(
-            reps["ConSE"]["train"][ok] @ seen_matrix.T, t_train[ok], pseudo[t_train[ok]], pseudo
-        )
-    concepts = _concepts(all_keys, all_names, config.concepts)
-    methods = [("softmax", None), ("ConSE", reps["ConSE"]), ("DeViSE", reps["DeViSE"])]
-    if COMBINED in reps:
-        methods.append((COMBINED, reps[COMBINED]))
-    for method, rep in methods:
-        row: dict = {}
-        if method == "softmax":
-            row["flat"] = hit_at_k(softmax_test[test_ok], t_test[test_ok], KS)
-            rows[method] = row
+    gammas, gamma_info = _gammas(config, spec, fs, classes, reps, train, conse_fn)
+    concepts = _concepts(classes.keys, classes.names, config.concepts)
+    softmax = _softmax_scores(config, classes, train, test)
+    rows: dict[str, dict] = {"softmax": {"flat": hit_at_k(softmax[t_test >= 0], t_test[t_test >= 0], KS)}}  # fmt: skip
+    for method in ("ConSE", "DeViSE", COMBINED):
+        rep = reps.get(method)
+        if rep is None:
             continue
         if rep["test"] is None:
             rows[method] = {"note": conse_note}
             continue
-        row["flat"] = hit_at_k(rep["test"][test_ok] @ seen_matrix.T, t_test[test_ok], KS)
-        if unseen_keys:
-            zs_scores = rep["unseen"][unseen_ok] @ unseen_matrix.T
-            row["zero_shot"] = hit_at_k(zs_scores, t_unseen[unseen_ok] - len(seen_keys), KS)
-            row["generalized_hit"] = hit_at_k(
-                rep["unseen"][unseen_ok] @ all_matrix.T, t_unseen[unseen_ok], KS
-            )
-            both = np.concatenate([rep["test"][test_ok], rep["unseen"][unseen_ok]])
-            targets = np.concatenate([t_test[test_ok], t_unseen[unseen_ok]])
-            is_unseen = np.arange(len(targets)) >= test_ok.sum()
-            scores = both @ all_matrix.T
-            row["gzsl"] = generalized_zero_shot(scores, targets, is_unseen, unseen_classes, 0.0)
-            row["gzsl_calibrated"] = generalized_zero_shot(
-                scores, targets, is_unseen, unseen_classes, gammas[method]
-            )
-            # Retrieval: each class name queries the embedded test + unseen images.
-            row["retrieval"] = retrieval_metrics(
-                all_matrix @ both.T, targets[None, :] == np.arange(len(all_keys))[:, None], 10
-            )
-            if concepts:
-                row["concepts"] = _concept_precision(concepts, vectors, both, targets)
-            if method == default_method:
-                for gamma, name, title in (
-                    (0.0, "confusion.png", "uncalibrated (raw cosine, γ = 0)"),
-                    (
-                        gammas[method],
-                        "confusion_calibrated.png",
-                        f"calibrated stacking (seen scores − γ, γ = {gammas[method]:.3f})",
-                    ),
-                ):
-                    _confusion_png(
-                        scores - gamma * (~unseen_classes)[None, :],
-                        targets,
-                        all_names,
-                        unseen_classes,
-                        Path(config.out) / name,
-                        title,
-                    )
-        rows[method] = row
-
+        args = (classes, t_test, t_unseen, gammas[method], concepts, vectors)
+        rows[method], scores, targets = _score(rep, *args)
+        if method == default_method and scores is not None:
+            _draw_confusions(Path(config.out), scores, targets, classes, gammas[method])
     report = {
         "model": str(config.model),
         "catalog": str(config.catalog),
@@ -444,8 +470,8 @@ def evaluate(config: EvalConfig) -> dict:
         "head": spec.kind,
         "vectors": vectors.id,
         "counts": counts,
-        "seen_classes": seen_names,
-        "unseen_classes": unseen_names,
+        "seen_classes": classes.seen_names,
+        "unseen_classes": classes.unseen_names,
         "calibration": gamma_info,
         "conse": conse_note,
         "class_text": spec.class_text,
@@ -454,10 +480,7 @@ def evaluate(config: EvalConfig) -> dict:
         "methods": rows,
         "config": asdict(config),
     }
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "report.md").write_text(markdown_report(report))
+    write_report(report, Path(config.out))
     return report
 
 
@@ -468,7 +491,7 @@ def _conse_from_backbone(spec, vectors, config, test, unseen, train) -> tuple[di
         from devise.backbones import imagenet_categories, load_backbone
         from devise.engines import OnnxBackbone, choose_engine
 
-        if choose_engine(config.engine, config.use_gpu).name == "onnx":
+        if choose_engine(config.resources.engine, config.resources.use_gpu).name == "onnx":
             backbone = OnnxBackbone(spec.backbone, spec.backbone_weights, images=False)
             classify = backbone.classify
         else:
@@ -532,163 +555,3 @@ def _concept_precision(concepts: dict, space, images: np.ndarray, targets: np.nd
         top = np.argsort(-sims[i], kind="stable")[:10]
         per[word] = float(100.0 * concepts[word][targets[top]].mean())
     return {"P@10": float(np.mean(list(per.values()))), "per_word": per}
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
-
-
-def _confusion_png(scores, targets, names, unseen_classes, out: Path, how: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    pred = scores.argmax(axis=1)
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (targets, pred), 1)
-    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    labels = [f"{m}*" if u else m for m, u in zip(names, unseen_classes)]
-    ax.set_xticks(range(n), labels, rotation=60, ha="right")
-    ax.set_yticks(range(n), labels)
-    for i in range(n):
-        for j in range(n):
-            if cm[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    cm[i, j],
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if frac[i, j] > 0.5 else "black",
-                )
-    ax.set_xlabel("predicted (among all classes)")
-    ax.set_ylabel("true class (* = held out, never trained on)")
-    ax.set_title(f"DeViSE confusion, test + held-out images:\n{how}", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
-def _fmt(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.1f}"
-
-
-def markdown_report(report: dict) -> str:
-    """The paper-style tables as markdown."""
-    c = report["counts"]
-    lines = [
-        (
-            f"Backbone {report['backbone']} at {report['image_size']} px, {report['head']} head, "
-            f"text space {report['vectors']}. {c['train_images']} train, {c['test_images']} test "
-            f"and {c['unseen_images']} unseen images; {c['seen_classes']} training classes, "
-            f"{c['unseen_classes']} held out ({', '.join(report['unseen_classes']) or 'none'})."
-        ),
-        "",
-        (
-            "| method | flat hit@1 | @2 | @5 | @10 | zero-shot hit@1 | @2 | @5 | @10 | P@10 | mAP "
-            "| group words P@10 |"
-        ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    methods = [m for m in METHODS if m in report["methods"]]
-    for method in methods:
-        row = report["methods"].get(method, {})
-        flat = [row.get("flat", {}).get(f"hit@{k}") for k in KS]
-        zs = [row.get("zero_shot", {}).get(f"hit@{k}") for k in KS]
-        ret = row.get("retrieval", {})
-        cells = [*flat, *zs, ret.get("P@10"), ret.get("mAP"), row.get("concepts", {}).get("P@10")]
-        name = f"**{method}** (default)" if method == report.get("default_method") else method
-        lines.append(f"| {name} | " + " | ".join(_fmt(x) for x in cells) + " |")
-    lines += [
-        "",
-        (
-            "Flat hit@k: test images of the training classes, nearest among the training classes. "
-            "Zero-shot (DeViSE-0): held-out images among the held-out classes only. "
-            "P@10 and mAP: each class's text as a search query over the test and held-out "
-            'images. Group words: everyday words that name several classes ("bird", '
-            '"vehicle"), an image counting when WordNet puts its class under the word.'
-        ),
-        "",
-        "Generalized zero-shot (test + held-out images among all classes; per-class top-1):",
-        "",
-        "| method | calibration | seen | unseen | H |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for method in methods[1:]:
-        row = report["methods"].get(method, {})
-        for key, label in (("gzsl", "none"), ("gzsl_calibrated", "calibrated stacking")):
-            g = row.get(key)
-            if g:
-                lbl = label if key == "gzsl" else f"{label}, γ = {g['gamma']:.3f}"
-                lines.append(
-                    f"| {method} | {lbl} | {_fmt(g['seen'])} | {_fmt(g['unseen'])} | "
-                    f"{_fmt(g['H'])} |"
-                )
-    cal = report["calibration"]
-    if cal.get("draws"):
-        optima = ", ".join(f"{d['gamma']:.2f}" for d in cal["draws"])
-        lines += [
-            "",
-            (
-                f"γ was chosen on the training split only: in each of {len(cal['draws'])} draws "
-                f"{len(cal['draws'][0]['pseudo_unseen'])} training classes were held out as "
-                f"pseudo-unseen and an auxiliary head was trained on the rest like the real one "
-                f"({cal['aux_epochs']} epochs, recipe from {Path(cal['recipe_source']).name}); "
-                f"γ maximises the mean H over the draws (per-draw optima "
-                f"{optima}). ConSE, which has no "
-                "training, takes its γ from the training images with the first draw's classes."
-            ),
-        ]
-    if report.get("conse"):
-        lines += ["", f"ConSE: {report['conse']}."]
-    lines += [
-        "",
-        (
-            f"Class text: {report.get('class_text', 'name')}; the default scorer blends ConSE in "
-            f"with weight {report.get('conse_weight', 0.0):.1f} (both chosen on pseudo-unseen "
-            "training classes when training)."
-        ),
-    ]
-    per = report["methods"].get(report.get("default_method"), {}).get("concepts", {})
-    if per.get("per_word"):
-        words = ", ".join(f"{w} {p / 10:.0f}/10" for w, p in per["per_word"].items())
-        lines += ["", f"Group words, {report.get('default_method')} top 10: {words}."]
-    return "\n".join(lines) + "\n"
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`devise evaluate` (flags: devise/commands/evaluate.py)."""
-    from devise.commands.common import resources_from_args
-    from devise.runtime import init_ray, resolve_resources
-
-    if not Path(args.model).exists():
-        raise EvalError(f"Model folder {args.model} does not exist; train one with `devise train`.")
-    from devise.fsutil import check_output_dir
-
-    check_output_dir(args.out, "--out")  # before Ray and the model: a bad folder wastes nothing
-    if not args.local:
-        init_ray(args.address)
-    config = EvalConfig(
-        model=args.model, catalog=args.catalog, out=args.out, feature_cache=args.feature_cache,
-        conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen,
-        calibration_draws=args.calibration_draws, seed=args.seed,
-        address=args.address, local=args.local,
-        **resolve_resources(resources_from_args(args)).as_kwargs(),
-    )  # fmt: skip
-    report = evaluate(config)
-    print((Path(args.out) / "report.md").read_text())
-    print(
-        f"Wrote {Path(args.out) / 'metrics.json'}, report.md, confusion.png (uncalibrated) and "
-        "confusion_calibrated.png"
-    )
-    return 0 if report else 1

@@ -26,7 +26,8 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from devise.pipeline import ModelActor, PipelineConfig, decode_batch, run_images
+from devise.config import PipelineConfig
+from devise.pipeline import ModelActor, decode_batch, run_images
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,13 @@ def run_local(
 
     if len(table) == 0:
         return
-    engine = choose_engine(config.engine, config.use_gpu)
+    engine = choose_engine(config.resources.engine, config.resources.use_gpu)
     workers, threads = local_plan(config, engine=engine.name)
     # stderr: stdout carries results (`devise search --json` after an in-process embed).
     print(engine.line(), file=sys.stderr, flush=True)
     log.info("local executor: %d decode worker(s), model on %d thread(s).", workers, threads)
     cols = {c: table[c].to_numpy() for c in table.columns}
-    starts = range(0, len(table), config.batch_size)
+    starts = range(0, len(table), config.resources.batch_size)
     args = (config.backbone, config.image_size, seed)
     # The pool starts before the model loads, so the workers fork from a small process.
     with _pool(workers) as pool:
@@ -175,7 +176,7 @@ def run_local(
         def submit() -> None:
             a = next(todo, None)
             if a is not None:
-                batch = {c: v[a : a + config.batch_size] for c, v in cols.items()}
+                batch = {c: v[a : a + config.resources.batch_size] for c, v in cols.items()}
                 pending.append(pool.submit(_decode_job, batch, *args))
 
         for _ in range(2 * workers + 1):
@@ -184,7 +185,7 @@ def run_local(
             config.backbone,
             config.weights,
             config.head_dir,
-            device="cuda" if config.use_gpu else "cpu",
+            device="cuda" if config.resources.use_gpu else "cpu",
             torch_threads=threads,
             engine=engine.name,
             image_size=config.image_size,
@@ -208,20 +209,17 @@ def run_ray(
     from dataclasses import replace
 
     from devise.engines import choose_engine
-    from devise.runtime import Resources, init_ray, resolve_resources
+    from devise.runtime import init_ray, resolve_resources
 
     if len(table) == 0:
         return
-    print(choose_engine(config.engine, config.use_gpu).line(), file=sys.stderr, flush=True)
-    init_ray(address)
-    res = resolve_resources(
-        Resources(
-            num_workers=config.num_workers,
-            cpus_per_worker=config.cpus_per_worker,
-            decode_cpus=config.decode_cpus,
-        )
+    print(
+        choose_engine(config.resources.engine, config.resources.use_gpu).line(),
+        file=sys.stderr,
+        flush=True,
     )
-    config = replace(config, cpus_per_worker=res.cpus_per_worker, decode_cpus=res.decode_cpus)
+    init_ray(address)
+    config = replace(config, resources=resolve_resources(config.resources))
     yield from run_images(table, config, seed)
 
 

@@ -29,10 +29,11 @@ import pandas as pd
 
 from devise.assets import devise_home
 from devise.backbones import backbone_info, weights_file
+from devise.config import PipelineConfig
 from devise.console import progress
 from devise.errors import DeviseError
 from devise.fsutil import normal_mode
-from devise.pipeline import PipelineConfig, run_images
+from devise.pipeline import run_images
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+KS = (1, 2, 5, 10)  # the k of every hit@k table
 
-def hit_at_k(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (1, 2, 5, 10)) -> dict:
+
+def hit_at_k(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = KS) -> dict:
     """Flat hit@k in percent: the true class is among the k best-scored classes.
 
     scores (N, C), targets (N,) column indices into scores. k larger than C counts as C.

@@ -13,39 +13,17 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from devise.backbones import backbone_info, load_backbone, prepare_transform
+from devise.config import PipelineConfig
 from devise.images import ImageDecodeError, decode_image, read_file_bytes
 
 if TYPE_CHECKING:  # pandas is not needed to run the model (bench/gpu.sh machines lack it)
     import pandas as pd
-
-
-@dataclass
-class PipelineConfig:
-    """How to run the image pipeline: model, sizes and Ray resources (all flags, no defaults
-    hidden in the code that runs them)."""
-
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: int | None = None
-    head_dir: str | None = None  # None: output backbone features; else head embeddings
-    batch_size: int = 64
-    num_workers: int = 1  # actors running the model
-    cpus_per_worker: float | None = 1.0  # None: a fair share of a small cluster (executors.run_ray)
-    decode_cpus: float | None = 1.0  # per decode task; None: min(1, cpus_per_worker)
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-    torch_threads: int | None = None  # CPU threads per actor; None: torch's default
-    engine: str = "auto"  # backbone engine: auto (onnx on CPU, torch on GPU), torch or onnx
-    blocks: int | None = None  # number of input blocks; None: enough to keep every actor busy
-    decode_workers: int | None = None  # local executor's decode processes; None: cores / 4
-    extra: dict = field(default_factory=dict)
 
 
 def _view_seed(path: str, view: int, seed: int) -> int:
@@ -262,7 +240,9 @@ def build_dataset(table: pd.DataFrame, config: PipelineConfig, seed: int = 0):
     import ray
 
     n = len(table)
-    blocks = config.blocks or max(1, min(n, max(4 * config.num_workers, math.ceil(n / 256))))
+    blocks = config.blocks or max(
+        1, min(n, max(4 * config.resources.num_workers, math.ceil(n / 256)))
+    )
     # Split here: from_pandas(override_num_blocks=) splits with np.array_split, which calls the
     # deprecated DataFrame.swapaxes (a FutureWarning on every run).
     table = table.reset_index(drop=True)
@@ -271,26 +251,26 @@ def build_dataset(table: pd.DataFrame, config: PipelineConfig, seed: int = 0):
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"backbone": config.backbone, "image_size": config.image_size, "seed": seed},
-        batch_size=config.batch_size,
+        batch_size=config.resources.batch_size,
         batch_format="numpy",
-        num_cpus=config.decode_cpus,
+        num_cpus=config.resources.decode_cpus,
     )
-    gpu = config.gpus_per_worker if config.use_gpu else 0
+    gpu = config.resources.gpus_per_worker if config.resources.use_gpu else 0
     ds = ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
             "backbone": config.backbone,
             "weights": config.weights,
             "head_dir": config.head_dir,
-            "device": "cuda" if config.use_gpu else "cpu",
+            "device": "cuda" if config.resources.use_gpu else "cpu",
             "torch_threads": config.torch_threads,
-            "engine": config.engine,
+            "engine": config.resources.engine,
             "image_size": config.image_size,
         },
-        batch_size=config.batch_size,
+        batch_size=config.resources.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.num_workers),
-        num_cpus=config.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=config.resources.num_workers),
+        num_cpus=config.resources.cpus_per_worker,
         num_gpus=gpu,
     )
     return ds

@@ -4,7 +4,7 @@ hooks that hold it at a known point so a test can lose a node (or the driver) th
     python tests/cluster_driver.py embed CONFIG_JSON HOOK_DIR [PAUSE_AFTER_CHUNK PAUSE_S [BATCH_S]]
     python tests/cluster_driver.py index HOOK_DIR TASK_RETRIES SHARD_PAUSE_S -- INDEX ARGS...
 
-embed: devise.embed.embed(EmbedConfig(**CONFIG_JSON)); every staged chunk appends
+embed: devise.embed.embed(EmbedConfig.from_dict(CONFIG_JSON)); every staged chunk appends
 {"index", "rows", "time"} to HOOK_DIR/chunks.jsonl, and after chunk PAUSE_AFTER_CHUNK the
 driver sleeps PAUSE_S (Ray Data keeps working meanwhile); with BATCH_S, the model actors wait
 for each other on two nodes and then take BATCH_S a batch (see _slow_actor); the result is the
@@ -55,12 +55,13 @@ def run_embed(
     config_json: str, hook_dir: str, pause_after: int = -1, pause_s: float = 0, batch_s: float = 0
 ) -> int:
     from devise import pipeline
-    from devise.embed import EmbedConfig, embed
+    from devise.config import EmbedConfig
+    from devise.embed import embed
     from devise.runtime import init_ray
 
     if batch_s:
         pipeline.ModelActor = _slow_actor(hook_dir, batch_s)
-    config = EmbedConfig(**json.loads(config_json))
+    config = EmbedConfig.from_dict(json.loads(config_json))
     init_ray(config.address)
     log = Path(hook_dir) / "chunks.jsonl"
 

@@ -67,19 +67,38 @@ def test_num_workers_is_the_ray_workers_of_each_ray_stage():
     assert "--local" in {s for a in subs["embed"]._actions for s in a.option_strings}
 
 
-def test_parser_defaults_agree_with_the_library():
-    from devise import demo, store
-    from devise.commands import embed as embed_cmd
-    from devise.training import TrainConfig
+def test_parser_defaults_are_the_configs():
+    """Every flag that sets a config field defaults to that field's default (devise.config)."""
+    from dataclasses import MISSING, fields
+
+    from devise import config as C
 
     subs = _subparsers(cli.build_parser())
-    assert embed_cmd.DEFAULT_CHUNK_ROWS == store.DEFAULT_CHUNK_ROWS
-    assert embed_cmd.DEFAULT_KEEP_VERSIONS == store.DEFAULT_KEEP_VERSIONS
-    assert embed_cmd.DEFAULT_MAX_ERROR_FRACTION == store.DEFAULT_MAX_ERROR_FRACTION
-    assert subs["demo"].get_default("holdout") == list(demo.DEFAULT_HOLDOUT)
+    for name, cls in (
+        ("train", C.TrainConfig),
+        ("evaluate", C.EvalConfig),
+        ("embed", C.EmbedConfig),
+    ):
+        p = subs[name]
+        dests = {a.dest for a in p._actions}
+        plain = [f for f in fields(cls) if f.name in dests and f.default is not MISSING]
+        for f in plain:
+            assert p.get_default(f.name) == f.default, (name, f.name)
+        # The Resources flags default to the stage's Resources; train's --batch-size is the
+        # training batch, so its backbone batch is --feature-batch-size.
+        res = next(f.default for f in fields(cls) if f.name == "resources")
+        renamed = {"batch_size": "embed_batch_size"} if name == "train" else {}
+        for f in fields(C.Resources):
+            dest = renamed.get(f.name, f.name)
+            if dest in dests:
+                assert p.get_default(dest) == getattr(res, f.name), (name, f.name)
+        assert len(plain) >= 3, name
+    assert subs["demo"].get_default("holdout") == list(C.DEFAULT_HOLDOUT)
     # One default head for train, the demo and the library.
     assert subs["train"].get_default("head") == subs["demo"].get_default("head")
-    assert subs["train"].get_default("head") == TrainConfig.head == "linear"
+    assert subs["train"].get_default("head") == C.TrainConfig.head == "linear"
+    assert subs["embed"].get_default("chunk_rows") == C.DEFAULT_CHUNK_ROWS
+    assert subs["embed"].get_default("keep_versions") == C.DEFAULT_KEEP_VERSIONS
 
 
 @pytest.mark.parametrize("job", ["train", "embed", "evaluate", "search"])

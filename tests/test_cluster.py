@@ -24,6 +24,7 @@ from conftest import write_class_tree, write_vec
 from PIL import Image
 from ray_cluster import LocalCluster
 
+from devise import runs
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
 from devise.store import Store, read_version
@@ -157,7 +158,7 @@ def test_training_spreads_its_workers_and_survives_losing_a_worker_node(cluster,
 
     done = _run(_train_cmd(inputs, base_out, shared / "a", c.address), c.env())
     assert done.returncode == 0, done.stderr[-3000:]
-    base = T.read_metrics(base_out)
+    base = runs.read_metrics(base_out)
     assert [m["epoch"] for m in base] == [1, 2, 3]
     for m in base:  # two workers, two different worker nodes (never the head)
         assert len(set(m["worker_nodes"])) == 2 and set(m["worker_nodes"]) <= workers, m
@@ -166,7 +167,7 @@ def test_training_spreads_its_workers_and_survives_losing_a_worker_node(cluster,
     cmd = _train_cmd(inputs, out, shared / "b", c.address)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = _wait_for(lambda: T.read_metrics(out), proc, what="epoch 1's checkpoint")
+        first = _wait_for(lambda: runs.read_metrics(out), proc, what="epoch 1's checkpoint")
         lost = first[0]["worker_nodes"][1]
         killed_at = cluster.kill(cluster.worker(lost))
         _, stderr = _stop(proc)
@@ -174,7 +175,7 @@ def test_training_spreads_its_workers_and_survives_losing_a_worker_node(cluster,
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]  # no epoch counted twice, none missing
     assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # restarted from epoch 1's state
     assert all(lost not in m["worker_nodes"] for m in metrics[1:])
@@ -196,8 +197,8 @@ def _embed_config(model: Path, inputs: dict, out: Path, address: str) -> str:
     return json.dumps(
         {
             "model_dir": str(model), "out": str(out), "images": str(inputs["images"]),
-            "batch_size": 4, "chunk_rows": 8, "num_workers": 2, "cpus_per_worker": 0.25,
-            "decode_cpus": 0.25, "executor": "ray", "address": address,
+            "chunk_rows": 8, "executor": "ray", "address": address,
+            "resources": {"num_workers": 2, "cpus_per_worker": 0.25, "decode_cpus": 0.25, "batch_size": 4},
         }
     )  # fmt: skip
 
@@ -389,7 +390,7 @@ def test_losing_the_head_and_driver_then_resubmitting_resumes_training(cluster, 
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        first = _wait_for(lambda: T.read_metrics(out), proc, what="epoch 1's checkpoint")
+        first = _wait_for(lambda: runs.read_metrics(out), proc, what="epoch 1's checkpoint")
         killed_at = cluster.kill(cluster.head)
         proc.kill()  # the driver ran on the head
         proc.communicate()
@@ -405,7 +406,7 @@ def test_losing_the_head_and_driver_then_resubmitting_resumes_training(cluster, 
     cluster.__dict__.update(fresh.__dict__)  # the module fixture stops the new one
     rerun = _run(_train_cmd(inputs, out, storage, cluster.address), cluster.env())
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[0] == first[0] and [m["start_epoch"] for m in metrics] == [1, 2, 2]
     assert "resuming after epoch 1" in rerun.stdout

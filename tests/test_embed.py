@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from devise import cli
-from devise.embed import EmbedConfig, embed
+from devise.config import EmbedConfig, Resources
+from devise.embed import embed
 from devise.model import DeviseHead, HeadSpec, model_id, save_model
 from devise.search import EmbeddingIndex
 from devise.store import (
@@ -69,7 +70,7 @@ def _save_head(path: Path, vec_file: Path, seed: int) -> Path:
 def _config(setup, out, **kw) -> EmbedConfig:
     args = {
         "model_dir": str(setup["model"]), "out": str(out), "catalog": str(setup["catalog"]),
-        "batch_size": 4, "num_workers": 2, "cpus_per_worker": 0.5, "decode_cpus": 0.5,
+        "resources": Resources(2, 0.5, 0.5, batch_size=4),
     }  # fmt: skip
     args.update(kw)
     return EmbedConfig(**args)

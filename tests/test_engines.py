@@ -134,15 +134,19 @@ def test_graph_is_cached_rebuilt_when_damaged_or_missing_and_keyed_by_weights(ho
 def test_feature_stage_runs_on_onnx_by_default_and_says_so(home, image_tree, capsys):
     """The local executor's feature stage prints the engine once and gives torch's features."""
     from devise.catalog import build_catalog
+    from devise.config import PipelineConfig, Resources
     from devise.features import extract_features
-    from devise.pipeline import PipelineConfig
 
     catalog = build_catalog(image_tree, test_fraction=0.0)
     onnx_fs = extract_features(catalog, "tiny", cache_dir=home / "a", local=True)
     err = capsys.readouterr().err
     assert err.count("engine: onnx") == 1
     torch_fs = extract_features(
-        catalog, "tiny", cache_dir=home / "b", local=True, pipeline=PipelineConfig(engine="torch")
+        catalog,
+        "tiny",
+        cache_dir=home / "b",
+        local=True,
+        pipeline=PipelineConfig(resources=Resources(engine="torch")),
     )
     assert "engine: torch (--engine torch)" in capsys.readouterr().err
     order = np.argsort(onnx_fs.paths)

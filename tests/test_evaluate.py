@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from devise.catalog import build_catalog, write_catalog
-from devise.evaluate import EvalConfig, conse_embeddings, evaluate, fit_aux_head, markdown_report
+from devise.config import EvalConfig, PipelineConfig, Resources
+from devise.evaluate import conse_embeddings, evaluate, fit_aux_head
 from devise.features import extract_features
 from devise.model import DeviseHead, HeadSpec, save_model
-from devise.pipeline import PipelineConfig
-from devise.training import training_classes
+from devise.report import markdown_report
+from devise.train_inputs import training_classes
 from devise.vectors import load_vectors
 
 
@@ -30,7 +31,7 @@ def test_evaluate_writes_the_paper_tables(ray_session, image_tree, vec_file, tmp
     catalog = build_catalog(image_tree, test_fraction=0.34, holdout=["ship"], seed=0)
     cat_path = write_catalog(catalog, tmp_path / "catalog.parquet")
     cache = tmp_path / "features"
-    pipe = PipelineConfig(num_workers=1, cpus_per_worker=0.5, decode_cpus=0.5, batch_size=16)
+    pipe = PipelineConfig(resources=Resources(1, 0.5, 0.5, batch_size=16))
     fs = extract_features(catalog, "tiny", None, 32, 0, cache, 0, pipe)
     vectors = load_vectors(vec_file, cache_dir=tmp_path / "vc")
     classes = training_classes(catalog, vectors)
@@ -51,8 +52,7 @@ def test_evaluate_writes_the_paper_tables(ray_session, image_tree, vec_file, tmp
     report = evaluate(
         EvalConfig(
             model=str(tmp_path / "model"), catalog=str(cat_path), out=str(tmp_path / "report"),
-            feature_cache=str(cache), aux_epochs=5, num_workers=1, cpus_per_worker=0.5,
-            decode_cpus=0.5,
+            feature_cache=str(cache), aux_epochs=5, resources=Resources(1, 0.5, 0.5),
         )
     )  # fmt: skip
     m = report["methods"]

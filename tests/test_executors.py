@@ -12,8 +12,9 @@ import torch
 from conftest import write_class_tree, write_vec
 
 from devise import cli
+from devise.config import PipelineConfig, Resources
 from devise.executors import choose_executor, local_plan, run_local
-from devise.pipeline import ModelActor, PipelineConfig, decode_batch
+from devise.pipeline import ModelActor, decode_batch
 
 
 def _table(root: Path) -> pd.DataFrame:
@@ -27,7 +28,9 @@ def _table(root: Path) -> pd.DataFrame:
 @pytest.mark.timeout(120)
 def test_local_executor_gives_the_models_output_for_every_row_in_order(tmp_path: Path) -> None:
     table = _table(write_class_tree(tmp_path / "images", per_class=3))
-    config = PipelineConfig(backbone="tiny", batch_size=4, decode_workers=2, torch_threads=1)
+    config = PipelineConfig(
+        backbone="tiny", resources=Resources(batch_size=4), decode_workers=2, torch_threads=1
+    )
     batches = list(run_local(table, config))
     got = {k: np.concatenate([b[k] for b in batches]) for k in ("row", "feature", "error")}
     assert got["row"].tolist() == table["row"].tolist()

@@ -63,9 +63,9 @@ def test_extract_features_computes_once_then_reuses(
     broken.write_bytes(b"not a png")
     cat = _catalog(image_tree)
     cache = tmp_path / "features"
-    from devise.pipeline import PipelineConfig
+    from devise.config import PipelineConfig, Resources
 
-    pipe = PipelineConfig(num_workers=1, cpus_per_worker=0.5, decode_cpus=0.5, batch_size=16)
+    pipe = PipelineConfig(resources=Resources(1, 0.5, 0.5, batch_size=16))
     with pytest.warns(UserWarning, match="1 images could not be decoded"):
         fs = F.extract_features(
             cat, "tiny", image_size=32, augment_views=2, cache_dir=cache, seed=3, pipeline=pipe

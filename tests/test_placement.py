@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devise import config, runs
 from devise import training as T
+from devise.commands import train as train_cmd
 from devise.commands.train import add_train_args
 
 
@@ -20,30 +22,34 @@ def _parse(*extra: str) -> argparse.Namespace:
 
 
 def test_placement_strategy_flag_reaches_the_config_and_not_the_run_key(capsys) -> None:
-    assert T.config_from_args(_parse()).placement_strategy == "PACK"  # Ray Train's own default
-    spread = T.config_from_args(_parse("--placement-strategy", "spread"))
+    assert (
+        train_cmd.config_from_args(_parse()).placement_strategy == "PACK"
+    )  # Ray Train's own default
+    spread = train_cmd.config_from_args(_parse("--placement-strategy", "spread"))
     assert spread.placement_strategy == "SPREAD"
     # Where the workers run does not change what the run computes: a rerun resumes.
-    assert spread.run_key() == T.config_from_args(_parse()).run_key()
+    assert spread.run_key() == train_cmd.config_from_args(_parse()).run_key()
     with pytest.raises(SystemExit) as info:
         _parse("--placement-strategy", "scatter")
     assert info.value.code == 2 and "invalid choice: 'SCATTER'" in capsys.readouterr().err
 
 
 def test_an_unknown_placement_strategy_is_one_sentence(tmp_path: Path) -> None:
-    config = T.TrainConfig(catalog=str(tmp_path / "c"), out=str(tmp_path), placement_strategy="X")
-    with pytest.raises(T.TrainError) as info:
-        T._validate(config)
+    cfg = config.TrainConfig(
+        catalog=str(tmp_path / "c"), out=str(tmp_path), placement_strategy="X"
+    )
+    with pytest.raises(runs.TrainError) as info:
+        T._validate(cfg)
     assert str(info.value) == (
         "Unknown placement strategy 'X'; choose one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."
     )
 
 
 def test_metrics_list_every_ranks_node_in_rank_order(tmp_path: Path) -> None:
-    w = T.MetricsWriter(str(tmp_path / "metrics.jsonl"))
+    w = runs.MetricsWriter(str(tmp_path / "metrics.jsonl"))
     w.after_report(None, [{"epoch": 1, "x": 1.0, "node": "a"}, {"epoch": 1, "node": "b"}], None)
     w.after_report(None, [{"epoch": 2, "x": 2.0}], None)  # --local: no Ray node
-    rows = T.read_metrics(tmp_path)
+    rows = runs.read_metrics(tmp_path)
     assert rows[0]["worker_nodes"] == ["a", "b"] and "node" not in rows[0]
     assert "worker_nodes" not in rows[1]
 

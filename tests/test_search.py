@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from devise import cli
-from devise.embed import EmbedConfig, embed
+from devise.config import EmbedConfig
+from devise.embed import embed
 from devise.model import DeviseHead, HeadSpec, save_model
 from devise.search import EmbeddingIndex, montage, query_vector, search_text
 from devise.similarity import top_k

@@ -12,8 +12,7 @@ import pytest
 from conftest import TINY_CLASSES, write_class_tree, write_vec
 from train_child import stop_after_first_epoch
 
-from devise import cli
-from devise import training as T
+from devise import cli, runs
 from devise.catalog import build_catalog, write_catalog
 from devise.model import load_model
 
@@ -70,11 +69,11 @@ def test_local_train_stops_on_sigterm_without_ray_and_a_rerun_resumes(
     assert "Traceback" not in stderr
     assert not (out / "model").exists()
     assert [p.name for p in out.rglob(".*")] == []  # no half-written checkpoint or model
-    first = T.read_metrics(out)
+    first = runs.read_metrics(out)
 
     assert cli.main(_argv(inputs, out, "--epochs", "3")) == 0
     assert "Resuming from the checkpoint of epoch 1." in capsys.readouterr().out
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed, not restarted
     assert metrics[0] == first[0]
@@ -88,7 +87,7 @@ def test_local_train_stops_on_sigterm_without_ray_and_a_rerun_resumes(
 
     # A finished run returns at once: nothing is trained again.
     assert cli.main(_argv(inputs, out, "--epochs", "3")) == 0
-    assert T.read_metrics(out) == metrics
+    assert runs.read_metrics(out) == metrics
 
 
 def test_local_model_serves_embed_search_and_evaluate(inputs: dict, tmp_path: Path, capsys) -> None:
@@ -98,7 +97,7 @@ def test_local_model_serves_embed_search_and_evaluate(inputs: dict, tmp_path: Pa
 
     out = tmp_path / "run"
     assert cli.main(_argv(inputs, out, "--epochs", "40")) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == list(range(1, 41))
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # it learns
     spec = load_model(out / "model").spec
@@ -142,7 +141,7 @@ def test_local_online_mode_tunes_the_last_block(inputs: dict, tmp_path: Path) ->
     out = tmp_path / "run"
     argv = _argv(inputs, out, "--mode", "online", "--unfreeze-last", "--epochs", "2")
     assert cli.main([*argv, "--backbone-lr", "0.05"]) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [(m["epoch"], m["world_size"], m["decode_errors"]) for m in metrics] == [
         (1, 1, 0),
         (2, 1, 0),

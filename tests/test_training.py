@@ -19,9 +19,10 @@ import torch
 from conftest import TINY_CLASSES, write_class_tree, write_vec
 from train_child import stop_after_first_epoch
 
-from devise import train_loops
+from devise import config, runs, train_inputs, train_loops
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
+from devise.commands import train as train_cmd
 from devise.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _argv(inputs: dict, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _config(inputs: dict, out: Path, **kw) -> T.TrainConfig:
+def _config(inputs: dict, out: Path, **kw) -> config.TrainConfig:
     import argparse
     import dataclasses
 
@@ -59,7 +60,7 @@ def _config(inputs: dict, out: Path, **kw) -> T.TrainConfig:
 
     p = argparse.ArgumentParser()
     add_train_args(p)
-    return dataclasses.replace(T.config_from_args(p.parse_args(_argv(inputs, out))), **kw)
+    return dataclasses.replace(train_cmd.config_from_args(p.parse_args(_argv(inputs, out))), **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_user_errors_are_one_sentence(tiny_inputs: dict, tmp_path: Path, capsys)
     only_test = tmp_path / "test_only.parquet"
     df = pd.read_parquet(tiny_inputs["catalog"])
     df.assign(split="test").to_parquet(only_test)
-    with pytest.raises(T.TrainError, match="no training rows"):
+    with pytest.raises(runs.TrainError, match="no training rows"):
         T.train(_config(tiny_inputs, tmp_path / "run", catalog=str(only_test)))
     # Through the job entry point: exit code 2 and one line on stderr, no traceback.
     code = _load_job().main(_argv(tiny_inputs, tmp_path / "run", "--loss", "hinge"))
@@ -97,11 +98,11 @@ def test_select_rows_and_training_classes(tiny_inputs: dict) -> None:
     from devise.vectors import load_vectors
 
     df = pd.read_parquet(tiny_inputs["catalog"])
-    sub = T.select_rows(df, max_train_per_class=2, seed=0)
+    sub = train_inputs.select_rows(df, max_train_per_class=2, seed=0)
     assert sub[sub["split"] == "train"].groupby("label").size().max() == 2
     assert (sub["split"] != "train").sum() == (df["split"] != "train").sum()
-    assert T.select_rows(df, 2, seed=0).equals(sub)  # deterministic
-    classes = T.training_classes(sub, load_vectors(tiny_inputs["vectors"]))
+    assert train_inputs.select_rows(df, 2, seed=0).equals(sub)  # deterministic
+    classes = train_inputs.training_classes(sub, load_vectors(tiny_inputs["vectors"]))
     assert "ship" not in classes.keys  # held out: never a training class
     assert sorted(classes.keys) == sorted(set(TINY_CLASSES) - {"ship"})
     np.testing.assert_allclose(np.linalg.norm(classes.matrix, axis=1), 1.0, rtol=1e-5)
@@ -123,12 +124,12 @@ def test_hits_counts_top1_and_top5() -> None:
 
 
 def test_metrics_writer_appends_each_epoch_once(tmp_path: Path) -> None:
-    w = T.MetricsWriter(str(tmp_path / "metrics.jsonl"))
+    w = runs.MetricsWriter(str(tmp_path / "metrics.jsonl"))
     w.after_report(None, [{"epoch": 1, "x": 1.0}, {"epoch": 1, "x": 9.0}], None)
     w.after_report(None, [{"epoch": 2, "x": 2.0}], None)
-    w2 = T.MetricsWriter(str(tmp_path / "metrics.jsonl"))  # a rerun's writer
+    w2 = runs.MetricsWriter(str(tmp_path / "metrics.jsonl"))  # a rerun's writer
     w2.after_report(None, [{"epoch": 2, "x": 5.0}], None)
-    rows = T.read_metrics(tmp_path)
+    rows = runs.read_metrics(tmp_path)
     assert [(r["epoch"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0)]
 
 
@@ -137,7 +138,7 @@ def test_plot_losses_writes_png(tmp_path: Path) -> None:
         {"epoch": e, "test_loss": 1.0 / e, "batch_losses": list(np.linspace(1, 0.5, 20) / e)}
         for e in (1, 2, 3)
     ]
-    out = T.plot_losses(metrics, tmp_path / "loss.png")
+    out = runs.plot_losses(metrics, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -188,7 +189,7 @@ def test_checkpoint_carrying_code_is_refused_and_never_run(
     marker = tmp_path / "pwned"
     out = tmp_path / "run"
     config = _config(tiny_inputs, out)
-    ckpt = out / "checkpoints" / T.run_name(config) / "epoch_0001"
+    ckpt = out / "checkpoints" / runs.run_name(config) / "epoch_0001"
     ckpt.mkdir(parents=True)
     state = ckpt / train_loops.STATE_FILE
     torch.save({"epoch": 1, "head": _Shell(f"touch {marker}")}, state)
@@ -379,10 +380,10 @@ def test_two_worker_training_end_to_end_survives_kill(
     )  # fmt: skip
     try:
         deadline = time.time() + 360
-        while time.time() < deadline and not T.read_metrics(out):
+        while time.time() < deadline and not runs.read_metrics(out):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
-        first = T.read_metrics(out)
+        first = runs.read_metrics(out)
         assert [m["epoch"] for m in first] == [1], (tmp_path / "first.log").read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -397,7 +398,7 @@ def test_two_worker_training_end_to_end_survives_kill(
 
     # The same command again (in-process, on the same cluster).
     assert _load_job().main([*argv, "--address", address]) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[0] == first[0]  # epoch 1 was not trained again
     assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed, not restarted
@@ -429,7 +430,7 @@ def test_two_worker_training_end_to_end_survives_kill(
     i = argv.index("--num-workers")
     local_argv = [*argv[:i], *argv[i + 2 :], "--epochs", "4", "--local"]
     assert _load_job().main(local_argv) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [(m["epoch"], m["start_epoch"], m["world_size"]) for m in metrics[2:]] == [
         (3, 2, 2),
         (4, 4, 1),
@@ -437,7 +438,7 @@ def test_two_worker_training_end_to_end_survives_kill(
     assert dataclasses.asdict(load_model(out / "model").spec) == dataclasses.asdict(spec)
 
     # A rerun with other settings into the same RUN_DIR is refused, outputs untouched.
-    with pytest.raises(T.TrainError, match="other settings"):
+    with pytest.raises(runs.TrainError, match="other settings"):
         T.train(_config(tiny_inputs, out, lr=0.5))
 
 
@@ -464,7 +465,7 @@ def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
     assert not (out / "model").exists()
 
     assert _load_job().main([*argv, "--address", address]) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert [m["start_epoch"] for m in metrics] == [1, 2, 2]  # resumed from epoch 1's checkpoint
 
@@ -477,7 +478,7 @@ def test_online_mode_fine_tunes_last_block(tiny_inputs: dict, tmp_path: Path, ra
         "--backbone-lr", "0.05", "--loss", "cosine",
     )  # fmt: skip
     assert _load_job().main(argv) == 0
-    metrics = T.read_metrics(out)
+    metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["decode_errors"] == 0 and m["world_size"] == 2 for m in metrics)
     spec = load_model(out / "model").spec

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from devise import runs
 from devise import training as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +26,9 @@ def stop_after_first_epoch(
     )
     try:
         deadline = time.time() + wait_s
-        while time.time() < deadline and not T.read_metrics(out) and proc.poll() is None:
+        while time.time() < deadline and not runs.read_metrics(out) and proc.poll() is None:
             time.sleep(0.2)
-        assert [m["epoch"] for m in T.read_metrics(out)] == [1], proc.poll()
+        assert [m["epoch"] for m in runs.read_metrics(out)] == [1], proc.poll()
         time.sleep(settle_s)
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)  # a stop, not a hang

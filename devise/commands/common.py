@@ -28,16 +28,17 @@ class _StoreGiven(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
-def resources_from_args(args: argparse.Namespace) -> Resources:
-    """The Resources named by a stage's flags (add_ray_args), not yet resolved."""
+def resources_from_args(args: argparse.Namespace, batch_size: int | None = None) -> Resources:
+    """The Resources named by a stage's flags (add_ray_args), not yet resolved. batch_size:
+    images per model batch when the stage's --batch-size means something else (training)."""
     return Resources(
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         decode_cpus=getattr(args, "decode_cpus", None),
         use_gpu=args.use_gpu,
         gpus_per_worker=args.gpus_per_worker,
-        batch_size=getattr(args, "batch_size", Resources.batch_size),
-        engine=getattr(args, "engine", Resources.engine),
+        batch_size=batch_size or getattr(args, "batch_size", Resources.batch_size),
+        engine=args.engine,
     )
 
 
@@ -49,40 +50,44 @@ def given_workers(args: argparse.Namespace) -> int | None:
 def add_ray_args(
     parser: argparse.ArgumentParser,
     workers_help: str = "Ray workers",
-    num_workers: int = 2,
+    defaults: Resources | None = None,
     local_help: str | None = None,
     placement: bool = False,
 ) -> None:
-    """Flags for where and how wide a stage runs. Resources are flags, never hard-coded.
+    """Flags for where and how wide a stage runs (defaults: the stage config's Resources).
 
     local_help: when given, the stage also takes --local (run in this process without Ray);
     start it with LOCAL_HELP so the flag reads the same everywhere. placement: the stage's
     workers form a placement group, and --placement-strategy says how it spreads over nodes.
     """
+    defaults = defaults or Resources()
     g = parser.add_argument_group("Ray resources")
     g.add_argument(
         "--num-workers",
         type=int,
         action=_StoreGiven,
-        default=num_workers,
+        default=defaults.num_workers,
         help=f"Ray workers of this stage's main work: {workers_help}",
     )
     g.add_argument(
         "--cpus-per-worker",
         type=float,
-        default=None,
+        default=defaults.cpus_per_worker,
         help="CPUs each worker asks Ray for (default: 1, or a fair share on a small machine)",
     )
     g.add_argument("--use-gpu", action="store_true", help="GPUs for the workers")
     g.add_argument(
         "--engine",
         choices=ENGINES,
-        default="auto",
+        default=defaults.engine,
         help="what runs the image backbone: onnx (onnxruntime, CPU only), torch, or auto "
         "(default: torch with --use-gpu, else onnx); the choice is printed",
     )
     g.add_argument(
-        "--gpus-per-worker", type=float, default=1.0, help="GPUs each worker asks for (--use-gpu)"
+        "--gpus-per-worker",
+        type=float,
+        default=defaults.gpus_per_worker,
+        help="GPUs each worker asks for (--use-gpu)",
     )
     add_address_arg(g)
     if placement:
