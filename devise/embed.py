@@ -130,15 +130,9 @@ def embed(
     mid = compute_model_id(model_dir)
     table = input_table(config.catalog, config.splits, config.images)
     store = Store.open(config.out, create=True)
-    meta = {
-        "model_id": mid,
-        "dim": spec.out_dim,
-        "vectors": spec.vectors,
-        "vectors_id": spec.vectors_id,
-        "backbone": spec.backbone,
-        "image_size": spec.image_size,
-        "format": FORMAT,
-    }
+    meta = {"model_id": mid, "dim": spec.out_dim, "vectors": spec.vectors,
+            "vectors_id": spec.vectors_id, "backbone": spec.backbone,
+            "image_size": spec.image_size, "format": FORMAT}  # fmt: skip
     with store.writing(config.wait_lock_s, config.stale_lock_s):
         plan, hashes = _plan(config, store, table, mid)
         staging = store.staging(mid)

@@ -122,6 +122,13 @@ def markdown_report(report: dict) -> str:
                     f"| {method} | {lbl} | {_fmt(g['seen'])} | {_fmt(g['unseen'])} | "
                     f"{_fmt(g['H'])} |"
                 )
+    lines += _notes(report)
+    return "\n".join(lines) + "\n"
+
+
+def _notes(report: dict) -> list[str]:
+    """The lines under the tables: how γ was chosen, ConSE's labels, the class text, group words."""
+    lines: list[str] = []
     cal = report["calibration"]
     if cal.get("draws"):
         optima = ", ".join(f"{d['gamma']:.2f}" for d in cal["draws"])
@@ -151,4 +158,4 @@ def markdown_report(report: dict) -> str:
     if per.get("per_word"):
         words = ", ".join(f"{w} {p / 10:.0f}/10" for w, p in per["per_word"].items())
         lines += ["", f"Group words, {report.get('default_method')} top 10: {words}."]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -509,7 +509,7 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
     source = kind(cfg.source, head, ctx, device, cfg.batch_size)
     source.model.to(device)
     opt = torch.optim.Adam(source.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
-    amp, amp_dtype, use_scaler = _autocast(device, cfg.precision)
+    amp_on, amp_dtype, use_scaler = _autocast(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     state = _starting_state(ctx, cfg.resume)
     start = restore(state, source.saved(), opt, scaler)
@@ -522,6 +522,11 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
     loss_fn = get_loss(cfg.loss)
     loss_kwargs = {"margin": cfg.margin} if cfg.loss == "rank" else {}
     classes = torch.from_numpy(np.array(cfg.class_matrix, np.float32)).to(device)  # a copy
+
+    def objective(pred, targets):
+        return loss_fn(pred, classes, targets, **loss_kwargs)
+
+    amp = (device, amp_dtype, amp_on)  # how every forward pass is autocast
     bs = cfg.batch_size
     steps = max(1, math.ceil(_all_reduce([source.n_train], device, op="max")[0] / bs))
     last_line = time.perf_counter()
@@ -532,29 +537,8 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
         torch.manual_seed(cfg.seed * 7919 + epoch * 31 + rank)  # dropout, augmentation
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
         order = _epoch_indices(source.n_train, steps, bs, gen)
-        losses = torch.zeros(steps, device=device)
-        for s, (x, targets, ok) in enumerate(source.train_batches(order)):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                pred = ddp(x)
-            if ok is None or ok.all():
-                loss = loss_fn(pred.float(), classes, targets, **loss_kwargs)
-            elif ok.any():
-                loss = loss_fn(pred[ok].float(), classes, targets[ok], **loss_kwargs)
-            else:  # only broken images: a step still runs on every rank (DDP)
-                loss = pred.float().sum() * 0.0
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses[s] = loss.detach()
-        source.model.eval()
-        test_loss_sum, h1, h5, n_test = 0.0, 0, 0, 0
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            for x, targets in source.test_batches():
-                pred = source.model(x).float()
-                test_loss_sum += float(loss_fn(pred, classes, targets, **loss_kwargs)) * len(x)
-                a1, a5 = _hits(pred, classes, targets)
-                h1, h5, n_test = h1 + a1, h5 + a5, n_test + len(targets)
+        losses = _train_epoch(ddp, source, order, steps, opt, scaler, objective, amp)
+        test_loss_sum, h1, h5, n_test = _test_epoch(source, objective, classes, amp)
         losses = losses.cpu()
         sums = _all_reduce(
             [float(losses.sum()), steps, test_loss_sum, h1, h5, n_test, source.errors], device
@@ -584,6 +568,41 @@ def train_loop(cfg: LoopConfig, ctx: RayTrainContext | LocalContext | None = Non
         ctx.report(m, state, f"epoch_{epoch:04d}")
         if cfg.pause_after_epoch == epoch and rank == 0:
             time.sleep(600)  # test hook: keep the run alive until the test kills it
+
+
+def _train_epoch(ddp, source, order, steps, opt, scaler, objective, amp) -> torch.Tensor:
+    """One pass over this rank's share of the training rows; the loss of every step."""
+    device, amp_dtype, enabled = amp
+    losses = torch.zeros(steps, device=device)
+    for s, (x, targets, ok) in enumerate(source.train_batches(order)):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=enabled):
+            pred = ddp(x)
+        if ok is None or ok.all():
+            loss = objective(pred.float(), targets)
+        elif ok.any():
+            loss = objective(pred[ok].float(), targets[ok])
+        else:  # only broken images: a step still runs on every rank (DDP)
+            loss = pred.float().sum() * 0.0
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses[s] = loss.detach()
+    return losses
+
+
+def _test_epoch(source, objective, classes, amp) -> tuple[float, int, int, int]:
+    """This rank's test rows: (summed loss, hits@1, hits@5, rows)."""
+    device, amp_dtype, enabled = amp
+    source.model.eval()
+    test_loss_sum, h1, h5, n_test = 0.0, 0, 0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=enabled):
+        for x, targets in source.test_batches():
+            pred = source.model(x).float()
+            test_loss_sum += float(objective(pred, targets)) * len(x)
+            a1, a5 = _hits(pred, classes, targets)
+            h1, h5, n_test = h1 + a1, h5 + a5, n_test + len(targets)
+    return test_loss_sum, h1, h5, n_test
 
 
 def _cpu(state: dict) -> dict:

@@ -59,6 +59,18 @@ def add_cli(subparsers) -> None:
         "unreadable files; with --incremental also paths gone since the last version); "
         "default %(default)s",
     )
+    _add_run_args(p)
+    add_ray_args(
+        p,
+        workers_help="model actors",
+        defaults=_D.resources,
+        local_help=LOCAL_HELP + "; the same as --executor local",
+    )
+    p.set_defaults(func=run)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Batches, chunks, the executor, the lock and old versions."""
     p.add_argument(
         "--batch-size", type=int, default=_D.resources.batch_size, help="images per model batch"
     )
@@ -95,13 +107,6 @@ def add_cli(subparsers) -> None:
         default=_D.keep_versions,
         help="committed versions to keep (0: all)",
     )
-    add_ray_args(
-        p,
-        workers_help="model actors",
-        defaults=_D.resources,
-        local_help=LOCAL_HELP + "; the same as --executor local",
-    )
-    p.set_defaults(func=run)
 
 
 class Terminated(BaseException):
