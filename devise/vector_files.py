@@ -1,5 +1,6 @@
 """Word-vector files into a cache folder: .vec/.txt(.gz) and wink JSON parsing, and the cache
-writer (matrix.npy, words.txt, sort orders, meta.json), written once and committed by rename."""
+writer (matrix.npy, words.txt, sort orders, meta.json), written once and committed by rename.
+devise.vectors.load_cache opens the folder as a WordVectors table."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Word-vector tables: phrase lookup, nearest words and spellings over a memory-mapped cache
-(the files and the cache are read and written by devise.vector_files)."""
+"""Word-vector tables: phrase lookup, nearest words and spellings, over a memory-mapped cache
+folder (devise.vector_files parses a file into one; load_cache opens it)."""
 
 from __future__ import annotations
 
