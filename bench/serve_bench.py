@@ -207,7 +207,8 @@ def run(
     import ray
     from ray import serve
 
-    from devise.serve import ServiceConfig, start
+    from devise.config import ServiceConfig
+    from devise.serve import start
 
     work = Path(work or tempfile.mkdtemp(prefix="devise-serve-bench-"))
     os.environ.setdefault("DEVISE_HOME", str(work / "home"))

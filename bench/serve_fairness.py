@@ -93,7 +93,7 @@ def heavy_load(url: str, words: list[str], budget: int, stop: threading.Event, o
     """One client cycling through the heavy requests, at most `budget` of them, until stop."""
     import requests
 
-    from devise.serve import MAX_QUERIES, MAX_RESULTS
+    from devise.webapp import MAX_QUERIES, MAX_RESULTS
 
     big, large = _png(7100, 7100), _png(6000, 6000)  # 50.4 and 36 megapixels
     k_max = MAX_RESULTS // MAX_QUERIES
@@ -149,7 +149,8 @@ def run(
     work: Path | None = None,
 ) -> dict:
     """Both runs against one service; see the module docstring."""
-    from devise.serve import ServiceConfig, start
+    from devise.config import ServiceConfig
+    from devise.serve import start
 
     work = Path(work or tempfile.mkdtemp(prefix="devise-serve-fairness-"))
     os.environ.setdefault("DEVISE_HOME", str(work / "home"))

@@ -261,30 +261,3 @@ def read_catalog(path: str | os.PathLike, splits: Iterable[str] | None = None) -
             raise CatalogError(f"Unknown split(s) {sorted(unknown)}; choose from {SPLITS}.")
         df = df[df["split"].isin(splits)].reset_index(drop=True)
     return df
-
-
-def run_cli(args) -> int:
-    """`devise catalog` (flags: devise/commands/catalog.py)."""
-    holdout = [h for h in args.holdout.split(",") if h.strip()] if args.holdout else None
-    check_out(Path(args.out))
-    skipped: list[tuple[str, str]] = []
-    df = build_catalog(
-        args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed, skipped
-    )
-    out = write_catalog(df, args.out)
-    counts = df["split"].value_counts().reindex(list(SPLITS), fill_value=0)
-    print(
-        f"Wrote {out}: {len(df)} images, {df['label'].nunique()} classes "
-        f"(train {counts['train']}, test {counts['test']}, unseen {counts['unseen']})."
-    )
-    held = sorted(df.loc[df["split"] == "unseen", "class_name"].unique())
-    if held:
-        print("Held out (unseen): " + ", ".join(printable(h) for h in held))
-    if skipped:
-        listing = write_skipped(skipped, args.out)
-        path, reason = skipped[0]
-        print(
-            f"Skipped {len(skipped)} file(s) whose names cannot be catalogued (e.g. "
-            f"{printable(path)}: {reason}); the list is in {listing}."
-        )
-    return 0

@@ -255,3 +255,27 @@ class IndexConfig:
     address: str | None = None
     local: bool = False
     wait_lock_s: float = 0.0
+
+
+@dataclass
+class DemoConfig:
+    """`devise demo`: the whole pipeline on Fashion-MNIST, or on the user's `data` folder, with
+    every output under `out`."""
+
+    out: str = "runs/demo"
+    data: str | None = None  # a Tiny ImageNet folder or one sub-folder per class
+    per_class: int | None = 500  # Fashion-MNIST images per class (None: all 70,000)
+    holdout: tuple[str, ...] = DEFAULT_HOLDOUT  # classes held out of training
+    holdout_count: int | None = None  # hold out this many random classes instead of `holdout`
+    test_fraction: float = 0.2
+    image_size: int | None = None  # None: 64 px for Fashion-MNIST, the backbone's own for data
+    head: str = DEFAULT_HEAD
+    epochs: int = 15
+    batch_size: int = 128  # training batch per worker
+    lr: float = 1e-3
+    k: int = 10  # results per search
+    vectors: str = DEFAULT_TEXT_SPACE  # the text space trained, embedded and searched with
+    # Text spaces also trained on the same cached features, for the comparison table.
+    compare: tuple[str, ...] = ("glove-100d",)
+    address: str | None = None
+    resources: Resources = TRAIN_RESOURCES  # every Ray stage of the demo

@@ -265,6 +265,21 @@ def _run_pipeline(
     return features, errors.astype(str)
 
 
+def _view_rows(
+    catalog: pd.DataFrame, augment_views: int, augment_splits: Sequence[str]
+) -> pd.DataFrame:
+    """The rows to compute: each image once per view (path, label, class_name, split, view),
+    numbered in _row, the order the pipeline's features come back in."""
+    table = catalog.reset_index(drop=True).copy()
+    if "class_name" not in table.columns:
+        table["class_name"] = table["label"]
+    table = expand_views(
+        table[["path", "label", "class_name", "split"]], augment_views, augment_splits
+    )
+    table["_row"] = np.arange(len(table), dtype=np.int64)
+    return table
+
+
 def extract_features(
     catalog: pd.DataFrame,
     backbone: str = "efficientnet_lite0",
@@ -302,13 +317,7 @@ def extract_features(
         _warn_errors(fs.errors, final)
         return fs
 
-    table = catalog.reset_index(drop=True).copy()
-    if "class_name" not in table.columns:
-        table["class_name"] = table["label"]
-    table = expand_views(
-        table[["path", "label", "class_name", "split"]], augment_views, augment_splits
-    )
-    table["_row"] = np.arange(len(table), dtype=np.int64)
+    table = _view_rows(catalog, augment_views, augment_splits)
     config = replace(
         pipeline or PipelineConfig(),
         backbone=backbone,
@@ -340,13 +349,9 @@ def extract_features(
     }
     _write_entry(final, np.ascontiguousarray(features[ok]), rows, failed, meta)
     log.info(
-        "Computed %d feature rows with %s at %dpx in %.1fs -> %s",
-        ok.sum(),
-        backbone,
-        size,
-        seconds,
-        final,
-    )
+        "Computed %d feature rows with %s at %dpx in %.1fs -> %s", ok.sum(), backbone, size,
+        seconds, final,
+    )  # fmt: skip
     fs = load_feature_set(final)
     _warn_errors(fs.errors, final)
     return fs

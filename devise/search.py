@@ -34,6 +34,14 @@ class SearchResult:
     score: float
     class_name: str | None = None
 
+    @classmethod
+    def from_records(cls, query: str, records) -> list[SearchResult]:
+        """Index.search's records for one query as SearchResults (tables, montages)."""
+        return [
+            cls(query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name"))
+            for r in records
+        ]
+
     def to_dict(self) -> dict:
         return {
             "query": self.query,

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from devise.serve import ServiceConfig, local_app
+    from devise.config import ServiceConfig
+    from devise.serve import local_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -132,8 +132,8 @@ def test_batched_search_answers_each_request_as_alone(data):
     a search of its own would give (its own k), and a bad request fails alone."""
     from devise import Index
     from devise.search import SearchError
-    from devise.serve import search_many
     from devise.vectors import UnknownWordError
+    from devise.webapp import search_many
 
     index = Index.open(data["emb"])
     requests = [(["dog"], 2), (["car", "ship"], 4), (["cat"], 1)]
@@ -159,7 +159,8 @@ def test_the_service_routes_answer_without_ray(data):
     import requests
     import uvicorn
 
-    from devise.serve import ServiceConfig, local_app
+    from devise.config import ServiceConfig
+    from devise.serve import local_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

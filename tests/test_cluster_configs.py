@@ -169,7 +169,7 @@ def _check_serve_app(app: dict, where: str) -> None:
 
     from ray.serve._private.utils import import_attr
 
-    from devise.serve import ServiceConfig
+    from devise.config import ServiceConfig
 
     assert app["import_path"] == "devise.serve:app_builder", where
     assert callable(import_attr(app["import_path"])), where

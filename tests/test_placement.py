@@ -35,9 +35,7 @@ def test_placement_strategy_flag_reaches_the_config_and_not_the_run_key(capsys) 
 
 
 def test_an_unknown_placement_strategy_is_one_sentence(tmp_path: Path) -> None:
-    cfg = config.TrainConfig(
-        catalog=str(tmp_path / "c"), out=str(tmp_path), placement_strategy="X"
-    )
+    cfg = config.TrainConfig(catalog=str(tmp_path / "c"), out=str(tmp_path), placement_strategy="X")
     with pytest.raises(runs.TrainError) as info:
         T._validate(cfg)
     assert str(info.value) == (

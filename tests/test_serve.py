@@ -53,7 +53,9 @@ def _free_port() -> int:
 def service(ray_local, tmp_path_factory):
     from ray import serve
 
-    from devise.serve import LOOPBACK_NAMES, ServiceConfig, start
+    from devise.config import ServiceConfig
+    from devise.serve import start
+    from devise.webapp import LOOPBACK_NAMES
 
     root = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:

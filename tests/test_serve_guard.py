@@ -41,7 +41,9 @@ def _free_port() -> int:
 def url(data):
     import uvicorn
 
-    from devise.serve import LOOPBACK_NAMES, ServiceConfig, local_app
+    from devise.config import ServiceConfig
+    from devise.serve import local_app
+    from devise.webapp import LOOPBACK_NAMES
 
     port = _free_port()
     config = ServiceConfig(
@@ -72,7 +74,7 @@ def _one_line_error(r, status: int, *words: str) -> str:
 
 
 def test_query_count_results_and_reply_size_are_capped(url):
-    from devise.serve import MAX_QUERIES, MAX_RESULTS
+    from devise.webapp import MAX_QUERIES, MAX_RESULTS
 
     r = requests.get(f"{url}/api/search", params={"q": ["ship"] * 8000}, timeout=60)
     _one_line_error(r, 400, str(MAX_QUERIES), str(MAX_RESULTS), "8000")
@@ -83,9 +85,9 @@ def test_query_count_results_and_reply_size_are_capped(url):
 
 
 def test_reply_size_cap_names_the_limit(url, monkeypatch):
-    import devise.serve as serve_mod
+    import devise.webapp
 
-    monkeypatch.setattr(serve_mod, "MAX_REPLY_MB", 0.0001)
+    monkeypatch.setattr(devise.webapp, "MAX_REPLY_MB", 0.0001)
     r = requests.get(f"{url}/api/search", params={"q": ["ship"] * 4, "k": 5}, timeout=60)
     _one_line_error(r, 400, "MB limit of one reply")
 
@@ -104,7 +106,7 @@ def test_an_upload_is_refused_by_its_content_length_before_it_is_read(url):
 
 
 def test_an_upload_over_the_pixel_budget_is_refused_and_a_good_one_answers(url, data):
-    from devise.serve import MAX_UPLOAD_PIXELS
+    from devise.webapp import MAX_UPLOAD_PIXELS
 
     big = io.BytesIO()  # 50 megapixels of one colour: a ~50 KB PNG
     Image.new("L", (7100, 7100), 255).save(big, format="PNG")
@@ -153,7 +155,7 @@ def test_replies_name_no_server_folder(url, data):
 def test_one_failing_request_never_fails_the_others_in_its_batch(data):
     from devise.api import Index
     from devise.search import SearchError
-    from devise.serve import search_many
+    from devise.webapp import search_many
 
     index = Index.open(data["emb"])
     real = index.search
@@ -176,7 +178,9 @@ def test_cached_queries_are_answered_apart_from_a_slow_encoding(data):
     together, it would wait out its 20 s and see no answer."""
     import anyio
 
-    from devise.serve import ServiceConfig, _service_class, create_api
+    from devise.config import ServiceConfig
+    from devise.serve import _service_class
+    from devise.webapp import create_api
 
     config = ServiceConfig(embeddings=str(data["emb"]), poll_s=60)
     service = _service_class(create_api(config))(asdict(config))
@@ -202,8 +206,9 @@ def test_cached_queries_are_answered_apart_from_a_slow_encoding(data):
 
 
 def test_the_damaged_version_warning_is_said_once_not_at_every_poll(data, caplog):
-    from devise.serve import IndexFollower, ServiceConfig
+    from devise.config import ServiceConfig
     from devise.store import EmbedError
+    from devise.webapp import IndexFollower
 
     follower = IndexFollower(ServiceConfig(embeddings=str(data["emb"]), poll_s=0.05))
     calls = []
@@ -212,7 +217,7 @@ def test_the_damaged_version_warning_is_said_once_not_at_every_poll(data, caplog
         calls.append(1)
         raise EmbedError("Version 000002-x is damaged: part-00000.parquet fails its checksum.")
 
-    with caplog.at_level(logging.WARNING, logger="devise.serve"):
+    with caplog.at_level(logging.WARNING, logger="devise.webapp"):
         follower._index.reopen = damaged
         deadline = time.monotonic() + 30
         while len(calls) < 8 and time.monotonic() < deadline:
@@ -270,7 +275,8 @@ def test_a_replica_starts_and_searches_exactly_over_a_damaged_index(data, tmp_pa
 
     pytest.importorskip("faiss")
     from devise import ann
-    from devise.serve import IndexFollower, ServiceConfig
+    from devise.config import ServiceConfig
+    from devise.webapp import IndexFollower
 
     emb = tmp_path / "emb"
     shutil.copytree(data["emb"], emb)
@@ -290,7 +296,8 @@ def test_a_replica_warms_the_text_encoder_before_it_answers(data, monkeypatch):
     """The replica's constructor (and so /healthz and Serve's readiness) waits for the encoder:
     the first query never pays for loading it."""
     from devise.api import Index
-    from devise.serve import IndexFollower, ServiceConfig
+    from devise.config import ServiceConfig
+    from devise.webapp import IndexFollower
 
     loaded = []
 

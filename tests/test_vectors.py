@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from devise import vectors as V
+from devise import vector_files
 from devise.vectors import (
     UnknownWordError,
     VectorFileError,
@@ -137,8 +138,8 @@ def test_cache_is_built_once_and_reused(vec_file, tmp_path, monkeypatch):
     def no_parse(*args, **kwargs):
         raise AssertionError("the source file was parsed again")
 
-    monkeypatch.setattr(V, "_iter_text_chunks", no_parse)
-    monkeypatch.setattr(V, "_read_wink", no_parse)
+    monkeypatch.setattr(vector_files, "_iter_text_chunks", no_parse)
+    monkeypatch.setattr(vector_files, "_read_wink", no_parse)
     second = load_vectors(vec_file, cache_dir=cache)
     assert second.vectors_id == first.vectors_id
     np.testing.assert_array_equal(second.matrix, first.matrix)
@@ -161,7 +162,7 @@ def test_leftover_temp_folder_is_ignored(vec_file, tmp_path):
     final = convert_to_cache(vec_file, cache)
     wv = load_vectors(vec_file, cache_dir=cache)
     # A conversion that died halfway: a temp folder with a truncated matrix and no meta.json.
-    V.shutil.rmtree(final)
+    shutil.rmtree(final)
     junk = cache / f".tmp-{final.name}-999-deadbeef"
     junk.mkdir()
     (junk / "matrix.npy").write_bytes(b"\x93NUMPY garbage")
@@ -175,7 +176,7 @@ def test_interrupted_conversion_leaves_nothing_that_loads(vec_file, tmp_path, mo
     def crash(self):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(V._CacheWriter, "finish", crash)
+    monkeypatch.setattr(vector_files._CacheWriter, "finish", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         load_vectors(vec_file, cache_dir=cache)
     assert list(cache.iterdir()) == []  # the temp folder was removed, no final folder exists
@@ -217,7 +218,7 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
     ]
     path = tmp_path / "messy.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="devise.vectors"):
+    with caplog.at_level(logging.WARNING, logger="devise.vector_files"):
         wv = load_vectors(path, cache_dir=tmp_path / "cache")
     assert list(wv.words) == ["ankle", "boot", "dog"]
     np.testing.assert_allclose(wv.matrix, good, atol=1e-6)

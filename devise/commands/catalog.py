@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_cli(subparsers) -> None:
@@ -24,6 +25,30 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from devise.catalog import run_cli
+    """`devise catalog`: scan, split, write the parquet and say what was held out or skipped."""
+    from devise.catalog import SPLITS, build_catalog, check_out, write_catalog, write_skipped
+    from devise.fsutil import printable
 
-    return run_cli(args)
+    holdout = [h for h in args.holdout.split(",") if h.strip()] if args.holdout else None
+    check_out(Path(args.out))
+    skipped: list[tuple[str, str]] = []
+    df = build_catalog(
+        args.root, args.layout, args.test_fraction, holdout, args.holdout_count, args.seed, skipped
+    )
+    out = write_catalog(df, args.out)
+    counts = df["split"].value_counts().reindex(list(SPLITS), fill_value=0)
+    print(
+        f"Wrote {out}: {len(df)} images, {df['label'].nunique()} classes "
+        f"(train {counts['train']}, test {counts['test']}, unseen {counts['unseen']})."
+    )
+    held = sorted(df.loc[df["split"] == "unseen", "class_name"].unique())
+    if held:
+        print("Held out (unseen): " + ", ".join(printable(h) for h in held))
+    if skipped:
+        listing = write_skipped(skipped, args.out)
+        path, reason = skipped[0]
+        print(
+            f"Skipped {len(skipped)} file(s) whose names cannot be catalogued (e.g. "
+            f"{printable(path)}: {reason}); the list is in {listing}."
+        )
+    return 0

@@ -58,7 +58,7 @@ def add_cli(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """`devise search`, on top of devise.api.Index."""
     from devise.api import Index
-    from devise.search import MONTAGE_SUFFIXES, SearchError, montage
+    from devise.search import MONTAGE_SUFFIXES, SearchError, SearchResult, montage
 
     if bool(args.queries) == bool(args.image):
         raise SearchError("Give words to search for, or --image PATH (not both).")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if args.words > 0:
             vec = index.encode_images([args.image])[0]
             labels = index.nearest_labels(vec, args.words, vocabulary=args.vocabulary)
-        rows = [_results(str(args.image), hits)]
+        rows = [SearchResult.from_records(str(args.image), hits)]
         if args.json:
             payload = {
                 "query": str(args.image),
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             _print_table(rows[0])
     else:
         found = index.search(list(args.queries), args.k)
-        rows = [_results(q, hits) for q, hits in zip(args.queries, found)]
+        rows = [SearchResult.from_records(q, hits) for q, hits in zip(args.queries, found)]
         if args.json:
             print(
                 json.dumps(
@@ -129,12 +129,3 @@ def _print_table(hits: Sequence[SearchResult], file=None) -> None:
     print(f"{'rank':>4}  {'score':>7}  {'class':<{width}}  path", file=file)
     for h, n in zip(hits, names):
         print(f"{h.rank:>4}  {h.score:>7.4f}  {n!s:<{width}}  {h.path}", file=file)
-
-
-def _results(query: str, records: Sequence[dict]) -> list[SearchResult]:
-    from devise.search import SearchResult
-
-    return [
-        SearchResult(query, r["rank"], r["path"], r["label"], r["score"], r.get("class_name"))
-        for r in records
-    ]

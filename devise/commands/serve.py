@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+import time
+from pathlib import Path
 
-# The module holds no heavy import at its top (stdlib and devise.errors only).
+# The module holds no heavy import at its top (stdlib and devise.config only): the service's
+# modules load when the command runs.
 from devise.commands.common import add_address_arg
-from devise.config import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT
+from devise.config import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT, ServiceConfig
 
 
 def add_cli(subparsers) -> None:
@@ -49,7 +53,110 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from devise.serve import run_cli
+def check_flags(args: argparse.Namespace) -> None:
+    """Every `devise serve` flag checked before anything starts (ServeError, one sentence)."""
+    from devise.serve import ServeError
 
-    return run_cli(args)
+    if args.replicas < 1:
+        raise ServeError(f"--replicas must be at least 1, not {args.replicas}.")
+    if not 0 < args.port < 65536:
+        raise ServeError(f"--port must be from 1 to 65535, not {args.port}.")
+    for flag, value, low in (
+        ("--poll-seconds", args.poll_seconds, 0.05),
+        ("--max-upload-mb", args.max_upload_mb, 0.001),
+        ("--cpus-per-replica", args.cpus_per_replica, 0.001),
+    ):
+        if not math.isfinite(value) or value < low:
+            raise ServeError(f"{flag} must be a number of at least {low:g}, not {value:g}.")
+    if args.max_upload_mb > 1024:
+        raise ServeError(f"--max-upload-mb must be at most 1024, not {args.max_upload_mb:g}.")
+    if not args.host or any(c.isspace() for c in args.host):
+        raise ServeError(f"--host {args.host!r} is not an address to listen on.")
+    if args.vectors is not None:
+        from devise.text import TEXT_SPACES
+
+        named = [k for k, v in TEXT_SPACES.items() if v.matches is None]
+        if args.vectors not in named and not Path(args.vectors).expanduser().exists():
+            raise ServeError(
+                f"--vectors {args.vectors} does not exist and is not a known text space "
+                f"({', '.join(named)})."
+            )
+    if args.model is not None and not Path(args.model).expanduser().is_dir():
+        raise ServeError(f"--model {args.model} is not a model folder.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServeError at once when host:port cannot be listened on (taken, or not this machine's
+    address), instead of Ray Serve's proxy failing after its start-up timeout."""
+    import errno
+    import socket
+
+    from devise.serve import ServeError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host} cannot be resolved ({e.strerror}).") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServeError(
+                    f"Port {port} on {host} is already in use; stop what listens there or pass "
+                    "another --port."
+                ) from None
+            raise ServeError(f"Cannot listen on {host}:{port}: {e.strerror}.") from None
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The ServiceConfig the flags name (check_flags first)."""
+    from devise.webapp import LOOPBACK_NAMES, is_loopback
+
+    return ServiceConfig(
+        embeddings=str(Path(args.embeddings).expanduser().resolve()),
+        poll_s=args.poll_seconds,
+        max_upload_mb=args.max_upload_mb,
+        vectors=args.vectors,
+        model=args.model,
+        # Bound to loopback, only loopback names: a DNS-rebinding page cannot read the API.
+        allowed_hosts=list(LOOPBACK_NAMES) if is_loopback(args.host) else None,
+        show_paths=getattr(args, "show_paths", False),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`devise serve`: check the flags, open the index, start Ray Serve and serve until Ctrl-C."""
+    from devise.serve import ServeError, start
+
+    check_flags(args)
+    config = config_from_args(args)
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import ray.serve  # noqa: F401
+    except ImportError as e:
+        raise ServeError(
+            f"devise serve needs the `serve` extra ({e.name} is missing): "
+            "pip install 'devise[serve]'."
+        ) from None
+    from devise.api import Index
+
+    index = Index.open(config.embeddings, vectors=config.vectors, model=config.model)
+    check_port_free(args.host, args.port)
+    print(f"Serving {index.emb_dir} version {index.version} ({len(index)} images)...", flush=True)
+    from devise.runtime import init_ray
+
+    init_ray(args.address)
+    url = start(config, args.host, args.port, args.replicas, args.cpus_per_replica)
+    print(f"Open {url}/ (API: {url}/api/search?q=WORDS). Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
