@@ -73,7 +73,7 @@ def add_cli(subparsers) -> None:
     add_ray_args(
         p,
         workers_help="Ray Train workers, and model actors of each Ray Data stage",
-        num_workers=DEFAULTS.resources.num_workers,
+        defaults=DEFAULTS.resources,
     )
     p.set_defaults(func=run)
 
