@@ -16,17 +16,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from devise.config import TrainConfig
-from devise.errors import DeviseError
-from devise.fsutil import atomic_path, normal_mode
-from devise.model import DeviseHead, save_model
-from devise.train_loops import (
+from devise.checkpoints import (
     STATE_FILE,
     CheckpointError,
     UnsafeCheckpointError,
     load_state,
     read_state,
 )
+from devise.config import TrainConfig
+from devise.errors import DeviseError
+from devise.fsutil import atomic_path, normal_mode
+from devise.model import DeviseHead, save_model
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import torch
 
 from devise import console
 from devise.backbones import backbone_info, export_weights, load_backbone
+from devise.checkpoints import STATE_FILE, CheckpointError, read_state
 from devise.config import (
     HEADS,
     MODES,
@@ -66,16 +67,7 @@ from devise.train_inputs import (
     read_inputs,
     with_conse,
 )
-from devise.train_loops import (
-    STATE_FILE,
-    CachedFeatures,
-    CheckpointError,
-    LocalContext,
-    LoopConfig,
-    OnlineImages,
-    read_state,
-    train_loop,
-)
+from devise.train_loops import CachedFeatures, LocalContext, LoopConfig, OnlineImages, train_loop
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_CLASSES, write_class_tree, write_vec
 from train_child import stop_after_first_epoch
 
-from devise import config, runs, train_inputs, train_loops
+from devise import checkpoints, config, runs, train_inputs, train_loops
 from devise import training as T
 from devise.catalog import build_catalog, write_catalog
 from devise.commands import train as train_cmd
@@ -191,11 +191,11 @@ def test_checkpoint_carrying_code_is_refused_and_never_run(
     config = _config(tiny_inputs, out)
     ckpt = out / "checkpoints" / runs.run_name(config) / "epoch_0001"
     ckpt.mkdir(parents=True)
-    state = ckpt / train_loops.STATE_FILE
+    state = ckpt / checkpoints.STATE_FILE
     torch.save({"epoch": 1, "head": _Shell(f"touch {marker}")}, state)
 
-    with pytest.raises(train_loops.CheckpointError, match="pickled code"):
-        train_loops.read_state(state)
+    with pytest.raises(checkpoints.CheckpointError, match="pickled code"):
+        checkpoints.read_state(state)
     code = _load_job().main(_argv(tiny_inputs, out))
     assert code == 2
     assert capsys.readouterr().err.strip() == (
@@ -224,11 +224,11 @@ def test_restore_loads_modules_optimizer_and_grad_scaler() -> None:
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
     fresh_scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
-    assert train_loops.restore(state, {"head": fresh}, fresh_opt, fresh_scaler) == 5
+    assert checkpoints.restore(state, {"head": fresh}, fresh_opt, fresh_scaler) == 5
     assert torch.equal(fresh.weight, head.weight)
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     assert fresh_scaler.get_scale() == 1024.0
-    assert train_loops.restore(None, {"head": fresh}, fresh_opt, fresh_scaler) == 1
+    assert checkpoints.restore(None, {"head": fresh}, fresh_opt, fresh_scaler) == 1
 
 
 def test_loop_config_is_typed_and_checkpoints_load_weights_only(tmp_path: Path) -> None:
@@ -249,11 +249,11 @@ def test_loop_config_is_typed_and_checkpoints_load_weights_only(tmp_path: Path) 
         "spec": {"in_dim": 3, "class_keys": ["a"], "backbone_weights": None},
     }
     torch.save(state, tmp_path / "state.pt")
-    again = train_loops.read_state(tmp_path / "state.pt")
+    again = checkpoints.read_state(tmp_path / "state.pt")
     assert again["epoch"] == 1 and again["spec"] == state["spec"]
     (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:200])
-    with pytest.raises(train_loops.CheckpointError, match="cut.pt cannot be read"):
-        train_loops.read_state(tmp_path / "cut.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="cut.pt cannot be read"):
+        checkpoints.read_state(tmp_path / "cut.pt")
 
 
 class _FakeTrain:
@@ -290,7 +290,7 @@ class _FakeTrain:
         def report(metrics, checkpoint=None, checkpoint_dir_name=None):
             fake.metrics.append(metrics)
             if checkpoint is not None:
-                fake.states.append(train_loops.read_state(Path(checkpoint.path) / "state.pt"))
+                fake.states.append(checkpoints.read_state(Path(checkpoint.path) / "state.pt"))
 
         ctx = type("Ctx", (), {"get_world_rank": lambda s: 0, "get_world_size": lambda s: 1})
         monkeypatch.setattr(ray.train, "get_context", lambda: ctx())
@@ -347,7 +347,7 @@ def test_one_loop_skeleton_runs_and_resumes_both_sources(
 
     ckpt = tmp_path / "epoch_0001"
     ckpt.mkdir()
-    torch.save(first.states[0], ckpt / train_loops.STATE_FILE)
+    torch.save(first.states[0], ckpt / checkpoints.STATE_FILE)
     second = _FakeTrain(shards, ckpt)
     second.install(monkeypatch)
     train_loops.train_loop(cfg)
