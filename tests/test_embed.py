@@ -192,7 +192,7 @@ def test_a_second_writer_waits_or_exits_cleanly(setup, tmp_path, capsys):
     rc = cli.main(["embed", *args, "--local"])
     err = capsys.readouterr().err.strip()
     assert rc == LockHeldError.EXIT_CODE == 75 and err.startswith(
-        "devise embed: error: Another run (pid "
+        "devise embed: error: Another run (devise embed, pid "
     )
     assert list_versions(out) == []
     # --wait-lock: the second run waits for the first to finish, then takes the lock.
