@@ -68,14 +68,19 @@ def test_num_workers_is_the_ray_workers_of_each_ray_stage():
 
 
 def test_parser_defaults_agree_with_the_library():
-    from devise import demo, store
-    from devise.commands import embed as embed_cmd
+    import inspect
+
+    from devise import demo
+    from devise.store import Store
     from devise.training import TrainConfig
 
     subs = _subparsers(cli.build_parser())
-    assert embed_cmd.DEFAULT_CHUNK_ROWS == store.DEFAULT_CHUNK_ROWS
-    assert embed_cmd.DEFAULT_KEEP_VERSIONS == store.DEFAULT_KEEP_VERSIONS
-    assert embed_cmd.DEFAULT_MAX_ERROR_FRACTION == store.DEFAULT_MAX_ERROR_FRACTION
+    embed = subs["embed"]
+    writer, gc = (inspect.signature(f).parameters for f in (Store.writer, Store.gc))
+    assert embed.get_default("chunk_rows") == writer["chunk_rows"].default
+    assert embed.get_default("keep_versions") == gc["keep"].default
+    plan = inspect.signature(Store.plan).parameters
+    assert embed.get_default("max_error_fraction") == plan["max_error_fraction"].default
     assert subs["demo"].get_default("holdout") == list(demo.DEFAULT_HOLDOUT)
     # One default head for train, the demo and the library.
     assert subs["train"].get_default("head") == subs["demo"].get_default("head")

@@ -206,6 +206,19 @@ def test_a_second_writer_waits_or_exits_cleanly(setup, tmp_path, capsys):
     assert not (out / LOCK_FILE).exists()
 
 
+def test_an_index_build_holding_the_lock_refuses_an_embedding_run(setup, tmp_path, capsys):
+    """`devise index` holds the same lock: an embedding run meanwhile exits 75 with one line
+    naming the build, and commits nothing."""
+    out = tmp_path / "emb"
+    args = ["--model", str(setup["model"]), "--catalog", str(setup["catalog"]), "--out", str(out)]
+    with EmbedLock(out, command="devise index"):
+        rc = cli.main(["embed", *args, "--local"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 75 and "\n" not in err, err
+    assert err.startswith("devise embed: error: Another run (devise index, pid "), err
+    assert list_versions(out) == [] and not (out / LOCK_FILE).exists()
+
+
 def test_plan_marks_new_changed_unchanged_missing_and_removed():
     table = pd.DataFrame(
         {
