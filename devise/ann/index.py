@@ -25,9 +25,6 @@ from devise.ann.kinds import (
 from devise.fsutil import fsync_dir
 from devise.store import Version
 
-# ---------------------------------------------------------------------------------------------
-# a loaded index
-
 
 class AnnIndex:
     """A built index, ready to search: base (a faiss index over row ids), optionally the rows'

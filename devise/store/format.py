@@ -36,9 +36,6 @@ VERSION_NAME = re.compile(r"[0-9]{1,12}-[0-9A-Za-z][0-9A-Za-z_-]*")
 KEY_COLUMNS = ["path", "size_bytes", "mtime_ns"]
 INPUT_COLUMNS = ["path", "label", "class_name", "size_bytes", "mtime_ns"]
 
-# ---------------------------------------------------------------------------------------------
-# schemas and tables
-
 
 def embedding_schema(dim: int, meta: dict[str, object] | None = None) -> pa.Schema:
     """Arrow schema of a part file: one row per embedded image, embedding fixed-size (D,)."""

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _seq(name: str) -> int:
+def version_seq(name: str) -> int:
+    """The sequence number that starts a version's name (-1 when it has none)."""
     head = name.lstrip(".").split("-", 1)[0]
     return int(head) if head.isdigit() else -1
 
@@ -56,9 +57,8 @@ class StoreReader:
         self.versions_dir = self.root / VERSIONS_DIR
 
     def version_dir(self, name: str) -> Path:
+        """The folder of a version (it may not exist)."""
         return self.versions_dir / name
-
-    # -- reading ---------------------------------------------------------------------------
 
     def versions(self) -> list[str]:
         """Committed versions, oldest first (folders with a manifest and a valid name)."""
@@ -69,7 +69,7 @@ class StoreReader:
             for d in self.versions_dir.iterdir()
             if VERSION_NAME.fullmatch(d.name) and (d / MANIFEST_FILE).is_file()
         ]
-        return sorted(names, key=_seq)
+        return sorted(names, key=version_seq)
 
     def check_name(self, name: str) -> str:
         """name when it is a committed version of this store, else an EmbedError."""
@@ -302,5 +302,3 @@ class StoreReader:
         _, rows = self._read(version, ["path"])
         errors = pq.read_table(self.version_dir(version) / ERRORS_FILE, columns=["path"])
         return rows.column("path").to_pylist() + errors.column("path").to_pylist()
-
-    # -- writing ---------------------------------------------------------------------------

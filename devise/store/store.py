@@ -40,7 +40,7 @@ from devise.store.format import (
 from devise.store.lock import EmbedLock
 from devise.store.manifest import Manifest
 from devise.store.plan import Plan, check_failures, plan_run
-from devise.store.reading import StoreReader, _seq
+from devise.store.reading import StoreReader, version_seq
 from devise.store.staging import Assembly, PartInfo, StagingWriter, link_or_copy
 
 if TYPE_CHECKING:
@@ -75,8 +75,6 @@ class Store(StoreReader):
                     "--out a folder you can write."
                 )
         return cls(root)
-
-    # -- writing ---------------------------------------------------------------------------
 
     def lock(
         self, wait_s: float = 0.0, stale_s: float = 600.0, command: str = "devise embed"
@@ -216,7 +214,7 @@ class Store(StoreReader):
         hashes.parquet for --verify content. Returns (version name, manifest)."""
         dim = int(meta["dim"])
         self.versions_dir.mkdir(parents=True, exist_ok=True)
-        seq = max((_seq(d.name) for d in self.versions_dir.iterdir()), default=0) + 1
+        seq = max((version_seq(d.name) for d in self.versions_dir.iterdir()), default=0) + 1
         name = f"{seq:06d}-{model_id}"
         assembly = Assembly(table, embedding_schema(dim, meta))
         with atomic_dir(self.version_dir(name)) as tmp:
