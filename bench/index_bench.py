@@ -77,6 +77,9 @@ def run_size(
     import faiss
 
     from devise import ann
+    from devise.ann import build
+    from devise.ann.index import _vectors_file
+    from devise.config import DEFAULT_K
     from devise.similarity import top_k
 
     t = time.perf_counter()
@@ -87,16 +90,16 @@ def run_size(
     q = np.ascontiguousarray(x[qid])
 
     t = time.perf_counter()
-    _, exact_i = top_k(x, q, ann.DEFAULT_K + 1)
+    _, exact_i = top_k(x, q, DEFAULT_K + 1)
     exact_all_s = time.perf_counter() - t
     exact_one = _latency(lambda b: top_k(x, b, 10), q, 1, 5)
     exact_16 = _latency(lambda b: top_k(x, b, 10), q, 16, 3)
 
     spec = ann.KINDS[ann.choose_kind(kind, n)]
     t = time.perf_counter()
-    train_n = min(n, ann._make_probe(spec, n, dim))
+    train_n = min(n, build._make_probe(spec, n, dim))
     train = x[np.sort(rng.choice(n, size=train_n, replace=False))] if train_n else x[:0]
-    base = ann._train(spec, dim, n, train)
+    base = build._train(spec, dim, n, train)
     del train
     train_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -109,14 +112,14 @@ def run_size(
             base.add(part)
     vectors = None
     if spec.rerank:  # the exact vectors on disk, memory-mapped, as a built index keeps them
-        path = ann._vectors_file(work, n, dim)
+        path = _vectors_file(work, n, dim)
         mm = np.memmap(path, np.float32, "r+").reshape(n, dim)
         mm[:] = x
         mm.flush()
         del mm
         vectors = np.memmap(path, np.float32, "r").reshape(n, dim)
     add_s = time.perf_counter() - t
-    index = ann.AnnIndex(spec.name, base, vectors, {"kind": spec.name, **ann._kind_meta(base)})
+    index = ann.AnnIndex(spec.name, base, vectors, {"kind": spec.name, **build._kind_meta(base)})
     t = time.perf_counter()
     params, recall, trials = ann.tune(index, q, exact_i, qid, target)
     tune_s = time.perf_counter() - t

@@ -153,9 +153,8 @@ class Index:
             self._exact,
             self._engine,
         )
-        same_vectors = new._base.manifest.get("vectors_id") == self._base.manifest.get(
-            "vectors_id"
-        ) and new._base.manifest.get("vectors") == self._base.manifest.get("vectors")
+        old_m, new_m = self._base.manifest, new._base.manifest
+        same_vectors = (new_m.vectors_id, new_m.vectors) == (old_m.vectors_id, old_m.vectors)
         if same_vectors:
             new._word_vectors = self._word_vectors
         if new.model_id == self.model_id:
@@ -200,8 +199,8 @@ class Index:
             "rows": len(self),
             "dim": self.dim,
             "model_id": self.model_id,
-            "text_space": m.get("vectors_id") or m.get("vectors") or "",
-            "created": m.get("created") or "",
+            "text_space": m.vectors_id or m.vectors or "",
+            "created": m.created or "",
             "search": search,
         }
 

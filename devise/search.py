@@ -12,7 +12,7 @@ import numpy as np
 
 from devise.errors import DeviseError
 from devise.similarity import normalize_rows, top_k
-from devise.store import EmbedError, embedding_matrix, read_version
+from devise.store import EmbedError, Manifest, embedding_matrix, read_version
 
 # "What does the model think this image shows" looks among these labels by default: the
 # model's training classes plus the classes named in the embeddings folder.
@@ -68,7 +68,7 @@ class EmbeddingIndex:
     def __init__(
         self,
         emb_dir: Path,
-        manifest: dict,
+        manifest: Manifest,
         paths: np.ndarray | None,
         labels: np.ndarray | None,
         class_names: np.ndarray | None,
@@ -115,8 +115,8 @@ class EmbeddingIndex:
             np.asarray(col("class_name").to_pylist(), dtype=object),
             matrix,
             None
-            if exact or manifest["version"] == checked
-            else _load_ann(emb_dir, manifest["version"], len(matrix)),
+            if exact or manifest.version == checked
+            else _load_ann(emb_dir, manifest.version, len(matrix)),
         )
 
     @classmethod
@@ -133,10 +133,10 @@ class EmbeddingIndex:
             manifest = Store.open(emb_dir).manifest(version)
         except (EmbedError, OSError):
             return None, None
-        ann = _load_ann(emb_dir, manifest["version"], int(manifest["rows"]))
+        ann = _load_ann(emb_dir, manifest.version, manifest.rows)
         if ann is None:
-            return None, manifest["version"]
-        return cls(emb_dir, manifest, None, None, None, None, ann), manifest["version"]
+            return None, manifest.version
+        return cls(emb_dir, manifest, None, None, None, None, ann), manifest.version
 
     # Read on first use when the version was opened with its index.
 
@@ -185,20 +185,20 @@ class EmbeddingIndex:
 
     def __len__(self) -> int:
         if self._matrix is None:
-            return int(self.manifest["rows"])
+            return self.manifest.rows
         return int(self._matrix.shape[0])
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def model_id(self) -> str:
-        return str(self.manifest["model_id"])
+        return self.manifest.model_id
 
     def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Query vectors (Q, D) or (D,) -> (scores (Q, k), indices (Q, k)), cosine, best first."""
@@ -259,11 +259,11 @@ class EmbeddingIndex:
         from devise.text import as_text_space
 
         space = as_text_space(space)
-        want_id = self.manifest.get("vectors_id") or ""
+        want_id = self.manifest.vectors_id or ""
         if space.dim != self.dim:
             raise SearchError(
                 f"{self.emb_dir} holds {self.dim}-d embeddings (text space "
-                f"{want_id or self.manifest.get('vectors')}) but the text space {space.id} is "
+                f"{want_id or self.manifest.vectors}) but the text space {space.id} is "
                 f"{space.dim}-d; pass --vectors with the one the model was trained on."
             )
         if want_id and space.id != want_id:
@@ -276,7 +276,7 @@ class EmbeddingIndex:
         """The text space named in the manifest (or `source`), checked against the folder."""
         from devise.text import load_text_space
 
-        src = source or self.manifest.get("vectors")
+        src = source or self.manifest.vectors
         if not src:
             raise SearchError(f"{self.emb_dir} names no text space; pass --vectors.")
         space = load_text_space(src)
@@ -284,13 +284,13 @@ class EmbeddingIndex:
         return space
 
 
-def _checked_matrix(emb_dir: Path, manifest: dict, matrix: np.ndarray) -> np.ndarray:
+def _checked_matrix(emb_dir: Path, manifest: Manifest, matrix: np.ndarray) -> np.ndarray:
     """The version's (N, D) matrix as unit rows, SearchError when its width is not the
     manifest's."""
-    dim = int(manifest["dim"])
+    dim = manifest.dim
     if matrix.shape[1] != dim:
         raise SearchError(
-            f"{emb_dir} version {manifest['version']} says {dim}-d embeddings but its parts "
+            f"{emb_dir} version {manifest.version} says {dim}-d embeddings but its parts "
             f"hold {matrix.shape[1]}-d ones; re-embed it with `devise embed`."
         )
     sample = matrix[:1000]
@@ -348,7 +348,7 @@ def label_vocabulary(index: EmbeddingIndex, source: str | None = None) -> list[s
         from devise.model import load_spec
 
         names: list[str] = []
-        model_dir = Path(index.manifest.get("model_dir") or "")
+        model_dir = Path(index.manifest.model_dir or "")
         if str(model_dir) and (model_dir / "spec.json").is_file():
             names += list(load_spec(model_dir).class_names)
         names += [str(n) for n in index.class_names if n is not None]
@@ -391,7 +391,7 @@ def resolve_model(index: EmbeddingIndex, model_dir: str | os.PathLike | None = N
     """The model folder that embedded the index (or model_dir), checked by model id."""
     from devise.model import model_id
 
-    path = Path(model_dir or index.manifest.get("model_dir") or "").expanduser()
+    path = Path(model_dir or index.manifest.model_dir or "").expanduser()
     if not str(path) or not (path / "spec.json").is_file():
         raise SearchError(
             f"The model that embedded {index.emb_dir} ({path}) is not there; pass --model "

@@ -9,7 +9,7 @@ embed: devise.embed.embed(EmbedConfig.from_dict(CONFIG_JSON)); every staged chun
 driver sleeps PAUSE_S (Ray Data keeps working meanwhile); with BATCH_S, the model actors wait
 for each other on two nodes and then take BATCH_S a batch (see _slow_actor); the result is the
 last stdout line (JSON). index: `devise index INDEX ARGS` whose shard tasks each write
-HOOK_DIR/shard-<node>-<pid> when they start, then sleep SHARD_PAUSE_S; ann.TASK_RETRIES is set
+HOOK_DIR/shard-<node>-<pid> when they start, then sleep SHARD_PAUSE_S; shards.TASK_RETRIES is set
 to TASK_RETRIES.
 """
 
@@ -85,12 +85,12 @@ def _slow(hook_dir: str, pause_s: float):
 
         import ray
 
-        from devise import ann
+        from devise.ann import shards
 
         node = ray.get_runtime_context().get_node_id()
         (Path(hook_dir) / f"shard-{node}-{os.getpid()}").write_text(str(time.time()))
         time.sleep(pause_s)
-        return ann.build_shard(*args, **kwargs)  # in the task's process: the real one
+        return shards.build_shard(*args, **kwargs)  # in the task's process: the real one
 
     return shard
 
@@ -98,12 +98,13 @@ def _slow(hook_dir: str, pause_s: float):
 def run_index(hook_dir: str, retries: str, pause_s: str, argv: list[str]) -> int:
     import ray.cloudpickle
 
-    from devise import ann, cli
+    from devise import cli
+    from devise.ann import build, shards
 
     # The tasks run this module's function: ship it by value (workers cannot import tests/).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ann.TASK_RETRIES = int(retries)
-    ann.build_shard = _slow(hook_dir, float(pause_s))
+    shards.TASK_RETRIES = int(retries)
+    build.build_shard = _slow(hook_dir, float(pause_s))
     return cli.main(["index", *argv])
 
 

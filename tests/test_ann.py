@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from devise.api import Index
 from devise.cli import main as cli_main
 from devise.search import EmbeddingIndex
 from devise.similarity import top_k
-from devise.store import Store, embedding_matrix
+from devise.store import Manifest, Store, embedding_matrix
 
 DIM = 32
 
@@ -80,16 +82,16 @@ def test_small_ivf_index_reaches_its_recall_against_exact(emb):
 
 def test_crash_before_the_switch_leaves_exact_search(emb, monkeypatch):
     emb_dir, _ = emb
-    version_dir = ann.open_version(emb_dir).folder
+    version_dir = Store.open(emb_dir).version().folder
     before = sorted(p.name for p in version_dir.iterdir())
-    real_rename = ann.os.rename
+    real_rename = os.rename
 
     def crash(src, dst):
         if Path(dst).name == ann.INDEX_DIR:
             raise OSError("killed")
         real_rename(src, dst)
 
-    monkeypatch.setattr(ann.os, "rename", crash)
+    monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(OSError, match="killed"):
         ann.build_index(emb_dir, kind="flat", local=True, queries=50)
     monkeypatch.undo()
@@ -102,7 +104,7 @@ def test_crash_before_the_switch_leaves_exact_search(emb, monkeypatch):
 
     # A crash while replacing a committed index leaves that index, or none: never a broken one.
     ann.build_index(emb_dir, kind="flat", local=True, queries=50)
-    monkeypatch.setattr(ann.os, "rename", crash)
+    monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(OSError):
         ann.build_index(emb_dir, kind="flat", local=True, queries=50)
     monkeypatch.undo()
@@ -220,7 +222,7 @@ def test_cli_index_builds_with_ray_tasks_and_reports_bad_input(emb, ray_session,
     )
     assert rc == 0
     assert "recall@10 1.000" in capsys.readouterr().out
-    meta = ann.load(ann.open_version(emb_dir).folder).meta
+    meta = ann.load(Store.open(emb_dir).version().folder).meta
     assert meta["tasks"] == 2 and meta["rows"] == 4000
     assert cli_main(["index", str(emb_dir.parent / "nope"), "--local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -262,27 +264,32 @@ def test_a_new_version_carries_the_index_when_faiss_is_there(emb, monkeypatch):
     # Without faiss the new version is simply searched exactly: nothing built, nothing said.
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     assert ann.carry_index(emb_dir, *_current(emb_dir)) is None
-    assert ann.load(ann.open_version(emb_dir).folder) is None
+    assert ann.load(Store.open(emb_dir).version().folder) is None
     monkeypatch.undo()
     line = ann.carry_index(emb_dir, *_current(emb_dir))
     assert line.startswith("Index updated from ") and "flat" in line
-    loaded = ann.load(ann.open_version(emb_dir).folder, expect_rows=4000)
+    loaded = ann.load(Store.open(emb_dir).version().folder, expect_rows=4000)
     assert loaded.meta["update"]["added"] == 50 and loaded.meta["update"]["removed"] == 50
     searched = EmbeddingIndex.open(emb_dir)
     _, ids = searched.search(x[:50], 20)
     assert set(names(0, 50)).isdisjoint(searched.paths[ids.ravel()])
 
 
-def _current(emb_dir: Path) -> tuple[str, dict]:
+def _current(emb_dir: Path) -> tuple[str, Manifest]:
     store = Store.open(emb_dir)
     return store.current(), store.manifest()
 
 
 def test_index_command_is_light_and_names_the_extra(emb, monkeypatch, capsys):
-    from devise.commands import index as index_command
+    import inspect
 
-    assert set(index_command.KINDS) == set(ann.KINDS)
-    assert index_command.DEFAULT_QUERIES == ann.DEFAULT_QUERIES
+    from devise.cli import build_parser
+
+    flags = {a.dest: a for a in build_parser(command="index")._actions}
+    assert set(flags["kind"].choices) == {"auto", *ann.KINDS}
+    assert (
+        flags["queries"].default == inspect.signature(ann.build_index).parameters["queries"].default
+    )
     emb_dir, _ = emb
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)
     assert cli_main(["index", str(emb_dir), "--local"]) == 2
@@ -416,3 +423,42 @@ def test_an_index_that_fails_at_search_time_answers_exactly(emb, caplog, monkeyp
     assert hits == Index.open(emb_dir, exact=True).search_vectors(x[:5], 3)
     assert index.info()["search"] == "exact"
     assert sum("Searching exactly" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_index_build_holds_the_writer_lock_against_embeds_and_other_builds(emb, capsys):
+    """A build takes EMB_DIR's lock as an embedding run does: while it runs, a second build and
+    a writer of versions each get one LockHeldError line naming it, and nothing is written; a
+    build started while an embedding run holds the lock gets one line too, or waits for it with
+    --wait-lock."""
+    from devise.store import LockHeldError
+
+    emb_dir, x = emb
+    before = Store.open(emb_dir).versions()
+    seen: list[str] = []
+
+    def while_building() -> None:
+        with pytest.raises(LockHeldError) as second:
+            ann.build_index(emb_dir, kind="flat", local=True, queries=20)
+        with pytest.raises(LockHeldError) as writer:
+            write_version(emb_dir, rows(names(0, 10)), x[:10], model_id="m1")
+        seen.extend([str(second.value), str(writer.value)])
+
+    r = ann.build_index(emb_dir, kind="flat", local=True, queries=20, _after_shards=while_building)
+    assert r.rows == 4000 and ann.load(r.folder.parent) is not None
+    for line in seen:
+        assert "\n" not in line and line.startswith("Another run (devise index, pid ")
+        assert "--wait-lock SECONDS" in line
+    assert Store.open(emb_dir).versions() == before  # the refused writer committed nothing
+    assert not (emb_dir / "LOCK").exists()  # released after the build
+
+    # An embedding run holds the lock: `devise index` exits 75 with one line naming it.
+    embed_lock = Store.open(emb_dir).lock()
+    with embed_lock:
+        assert cli_main(["index", str(emb_dir), "--kind", "flat", "--local"]) == 75
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Another run (devise embed, pid " in err[0], err
+        # --wait-lock: the build waits for the run to finish, then takes the lock.
+        threading.Timer(1.0, embed_lock.release).start()
+        argv = ["index", str(emb_dir), "--kind", "flat", "--local", "--wait-lock", "30"]
+        assert cli_main(argv) == 0
+    assert "Indexed 4000 rows" in capsys.readouterr().out

@@ -97,10 +97,10 @@ def test_reopen_follows_current_and_keeps_loaded_encoders(data, tmp_path):
     Store.open(emb, create=True).write_version(
         pd.DataFrame({"path": data["paths"][:3], "label": ["cat"] * 3}),
         old._base.matrix[:3],
-        model_id=m["model_id"],
-        vectors=m["vectors"],
-        vectors_id=m["vectors_id"],
-        extra={"model_dir": m["model_dir"]},
+        model_id=m.model_id,
+        vectors=m.vectors,
+        vectors_id=m.vectors_id,
+        extra={"model_dir": m.model_dir},
     )
     new = index.reopen()
     assert new is not index and len(new) == 3 and new.version != index.version

@@ -94,6 +94,17 @@ def test_parser_defaults_are_the_configs():
                 assert p.get_default(dest) == getattr(res, f.name), (name, f.name)
         assert len(plain) >= 3, name
     assert subs["demo"].get_default("holdout") == list(C.DEFAULT_HOLDOUT)
+    # The store's own defaults are the same ones.
+    import inspect
+
+    from devise.store import Store
+
+    embed = subs["embed"]
+    writer, gc = (inspect.signature(f).parameters for f in (Store.writer, Store.gc))
+    assert embed.get_default("chunk_rows") == writer["chunk_rows"].default
+    assert embed.get_default("keep_versions") == gc["keep"].default
+    plan = inspect.signature(Store.plan).parameters
+    assert embed.get_default("max_error_fraction") == plan["max_error_fraction"].default
     # One default head for train, the demo and the library.
     assert subs["train"].get_default("head") == subs["demo"].get_default("head")
     assert subs["train"].get_default("head") == C.TrainConfig.head == "linear"

@@ -217,7 +217,7 @@ def _check_version(out: Path, inputs: dict) -> dict:
     assert len(paths) == len(set(paths)) == len(good) and set(paths) == good
     errors = Store.open(out).errors()
     assert errors["path"].tolist() == [str(inputs["images"] / "c0" / "broken.png")]
-    assert manifest["rows"] == len(good) and manifest["errors"] == 1
+    assert manifest.rows == len(good) and manifest.errors == 1
     assert len(Store.open(out).versions()) == 1
     return manifest
 
@@ -252,7 +252,7 @@ def test_embedding_spreads_its_actors_and_survives_losing_a_node(cluster, inputs
     assert len(actors) == 2 and actors <= workers  # a model actor on each worker node
     assert sum(result["nodes"].values()) == 81 and set(result["nodes"]) <= workers
     print(f"[cluster] embedding rows per node: {sorted(result['nodes'].values())}")
-    assert manifest["nodes"] == result["nodes"]
+    assert manifest.details["nodes"] == result["nodes"]
     after = [x for x in _chunks(hook) if x["time"] > killed_at]
     _report("embedding: node killed -> version committed", time.time() - killed_at)
     assert after  # chunks were still staged after the loss
@@ -348,7 +348,7 @@ def test_index_build_survives_losing_a_node_or_commits_nothing(cluster, emb, tmp
     assert proc.returncode == 0, stderr[-3000:]
     _report("index: node killed -> index committed", time.time() - killed_at)
     assert "Indexed 4000 rows" in stdout
-    version = ann.open_version(emb)
+    version = Store.open(emb).version()
     index = ann.load(version.folder, expect_rows=4000)
     assert index is not None and index.rows == 4000
     assert index.meta["recall_at_10"] >= 0.95 and set(index.meta["nodes"]) == nodes

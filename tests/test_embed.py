@@ -113,13 +113,13 @@ def test_embed_writes_a_versioned_parquet_table(setup):
     assert list_versions(out) == [version]
     manifest = read_manifest(out)
     mid = model_id(setup["model"])
-    assert version.endswith(mid) and manifest["model_id"] == mid
-    assert manifest["dim"] == 8 and manifest["rows"] == 24 and manifest["errors"] == 0
-    assert manifest["vectors"] == str(setup["vec"]) and manifest["vectors_id"]
-    assert len(manifest["parts"]) >= 2  # chunks of 10 rows
+    assert version.endswith(mid) and manifest.model_id == mid
+    assert manifest.dim == 8 and manifest.rows == 24 and manifest.errors == 0
+    assert manifest.vectors == str(setup["vec"]) and manifest.vectors_id
+    assert len(manifest.parts) >= 2  # chunks of 10 rows
     _, table = read_version(out)
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[8]"
-    meta = read_parquet_meta(out / VERSIONS_DIR / version / manifest["parts"][0]["file"])
+    meta = read_parquet_meta(out / VERSIONS_DIR / version / manifest.parts[0].file)
     assert meta["model_id"] == mid and meta["dim"] == "8" and meta["vectors_id"]
     df = table.to_pandas()
     assert sorted(df["path"]) == sorted(r["path"] for r in setup["rows"])
@@ -168,7 +168,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(setup, tmp_path):
     assert len(paths) == len(set(paths)) == 24
     assert set(paths) == {r["path"] for r in setup["rows"]}
     version_dir = out / VERSIONS_DIR / result.version
-    inodes = {os.stat(version_dir / p["file"]).st_ino for p in read_manifest(out)["parts"]}
+    inodes = {os.stat(version_dir / p.file).st_ino for p in read_manifest(out).parts}
     assert first["inode"] in inodes  # the first chunk's file itself, not a recomputation
     # Same model, same images: the same embeddings as the fixture's uninterrupted run.
     ref = EmbeddingIndex.open(setup["out"])
@@ -193,7 +193,7 @@ def test_a_second_writer_waits_or_exits_cleanly(setup, tmp_path, capsys):
     rc = cli.main(["embed", *args, "--local"])
     err = capsys.readouterr().err.strip()
     assert rc == LockHeldError.EXIT_CODE == 75 and err.startswith(
-        "devise embed: error: Another run (pid "
+        "devise embed: error: Another run (devise embed, pid "
     )
     assert list_versions(out) == []
     # --wait-lock: the second run waits for the first to finish, then takes the lock.
@@ -205,6 +205,19 @@ def test_a_second_writer_waits_or_exits_cleanly(setup, tmp_path, capsys):
     assert time.monotonic() - t0 >= 0.4
     waiter.release()
     assert not (out / LOCK_FILE).exists()
+
+
+def test_an_index_build_holding_the_lock_refuses_an_embedding_run(setup, tmp_path, capsys):
+    """`devise index` holds the same lock: an embedding run meanwhile exits 75 with one line
+    naming the build, and commits nothing."""
+    out = tmp_path / "emb"
+    args = ["--model", str(setup["model"]), "--catalog", str(setup["catalog"]), "--out", str(out)]
+    with EmbedLock(out, command="devise index"):
+        rc = cli.main(["embed", *args, "--local"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 75 and "\n" not in err, err
+    assert err.startswith("devise embed: error: Another run (devise index, pid "), err
+    assert list_versions(out) == [] and not (out / LOCK_FILE).exists()
 
 
 def test_plan_marks_new_changed_unchanged_missing_and_removed():
@@ -270,9 +283,9 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
     assert (f"Index rebuilt from {before.version}: flat" in printed) == has_faiss
     assert ("Index" in printed) == has_faiss
     manifest = read_manifest(out)
-    assert manifest["embedded"] == 4 and manifest["reused"] == 22 and manifest["removed"] == 1
-    assert manifest["base_version"] == before.version and manifest["rows"] == 26
-    removed = pq.read_table(out / VERSIONS_DIR / manifest["version"] / "removed.parquet")
+    assert manifest.embedded == 4 and manifest.reused == 22 and manifest.removed == 1
+    assert manifest.base_version == before.version and manifest.rows == 26
+    removed = pq.read_table(out / VERSIONS_DIR / manifest.version / "removed.parquet")
     assert removed.column("path").to_pylist() == [deleted]
     after = EmbeddingIndex.open(out)
     assert deleted not in set(after.paths) and len(set(after.paths)) == 26
@@ -286,7 +299,7 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
     _, idx = after.search(after.matrix, k=len(after))
     assert deleted not in {after.paths[i] for i in idx.ravel()}
     if has_faiss:
-        carried = ann.load(out / VERSIONS_DIR / manifest["version"], expect_rows=26)
+        carried = ann.load(out / VERSIONS_DIR / manifest.version, expect_rows=26)
         assert carried.rows == 26 and "update" not in carried.meta  # rebuilt, not updated
         assert EmbeddingIndex.open(out).ann is not None
     # The previous version is still complete for a reader that opened it earlier.
@@ -295,8 +308,8 @@ def test_incremental_handles_exactly_the_added_changed_and_deleted_files(setup, 
     third = ["--incremental", "--keep-versions", "1", "--batch-size", "4", *RAY_FLAGS]
     assert cli.main(["embed", *args, *third]) == 0
     printed = capsys.readouterr().out
-    latest = read_manifest(out)["version"]
+    latest = read_manifest(out).version
     assert sorted(p.name for p in (out / VERSIONS_DIR).iterdir()) == [latest]
     if has_faiss:
-        assert f"Index updated from {manifest['version']}: flat" in printed
+        assert f"Index updated from {manifest.version}: flat" in printed
         assert ann.load(out / VERSIONS_DIR / latest, expect_rows=26).rows == 26

@@ -98,7 +98,7 @@ def test_embed_cli_says_which_executor_ran(tmp_path: Path, capsys, monkeypatch) 
     assert cli.main([*args, "--executor", "local", "--batch-size", "3"]) == 0
     printed = capsys.readouterr().out
     assert "executor: local (--executor local)" in printed
-    assert read_manifest(out)["rows"] == 10
+    assert read_manifest(out).rows == 10
 
 
 def test_batchnorm_folds_into_the_convolutions_without_changing_the_output() -> None:

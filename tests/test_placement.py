@@ -57,11 +57,11 @@ def test_index_tasks_lost_past_their_retries_are_one_line(ray_session, monkeypat
     build stops with one IndexBuildError line saying nothing was committed."""
     import os
 
-    from devise import ann
+    from devise.ann import IndexTasksLostError, shards
 
-    monkeypatch.setattr(ann, "TASK_RETRIES", 0)
-    runner = ann._Runner(local=False, cpus_per_task=0.25, what="v00001-m1")
-    with pytest.raises(ann.IndexTasksLostError) as info:
+    monkeypatch.setattr(shards, "TASK_RETRIES", 0)
+    runner = shards._Runner(local=False, cpus_per_task=0.25, what="v00001-m1")
+    with pytest.raises(IndexTasksLostError) as info:
         runner.map(os._exit, [(1,)], {})
     line = str(info.value)
     assert "\n" not in line and line.startswith("Building the index of v00001-m1 lost its Ray")

@@ -265,10 +265,10 @@ def test_replicas_switch_to_a_new_version_without_failed_or_mixed_requests(servi
     new_version = Store.open(service["emb"], create=True).write_version(
         pd.DataFrame({"path": new_paths, "label": [p.split("/")[-2] for p in new_paths]}),
         old._base.matrix[[rows[p] for p in new_paths]],
-        model_id=m["model_id"],
-        vectors=m["vectors"],
-        vectors_id=m["vectors_id"],
-        extra={"model_dir": m["model_dir"]},
+        model_id=m.model_id,
+        vectors=m.vectors,
+        vectors_id=m.vectors_id,
+        extra={"model_dir": m.model_dir},
     )
     committed = time.monotonic()
     sizes[new_version] = len(new_paths)

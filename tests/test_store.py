@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_the_error_share_threshold_is_a_flag(setup, capsys):
     assert "7 of 12 inputs failed" in capsys.readouterr().err
     assert Store.open(out).versions() == []
     assert _embed_cli(setup, out, "--max-error-fraction", "0.6", catalog=half) == 0
-    assert read_manifest(out)["errors"] == 7 and read_manifest(out)["rows"] == 5
+    assert read_manifest(out).errors == 7 and read_manifest(out).rows == 5
 
 
 def test_garbage_collection_keeps_the_newest_version_with_rows(tmp_path):
@@ -131,12 +132,12 @@ def test_incremental_refuses_when_every_old_path_vanished(setup, capsys, tmp_pat
     assert "12 of the 12 paths of" in line and "nothing was committed" in line
     assert len(Store.open(out).versions()) == 1
     assert _embed_cli(setup, out, "--incremental", "--max-error-fraction", "1", catalog=cat) == 0
-    assert read_manifest(out)["removed"] == 12 and read_manifest(out)["rows"] == 3
+    assert read_manifest(out).removed == 12 and read_manifest(out).rows == 3
 
 
 def _truncate_a_part(out: Path) -> Path:
     manifest = read_manifest(out)
-    part = out / VERSIONS_DIR / manifest["version"] / manifest["parts"][0]["file"]
+    part = out / VERSIONS_DIR / manifest.version / manifest.parts[0].file
     data = part.read_bytes()
     part.unlink()  # a hard link may share the inode with another version: damage only this one
     part.write_bytes(data[: len(data) // 2])
@@ -146,9 +147,9 @@ def _truncate_a_part(out: Path) -> Path:
 def test_a_truncated_part_is_reported_skipped_and_repaired(setup, capsys, caplog):
     out = setup["tmp"] / "emb"
     assert _embed_cli(setup, out, "--chunk-rows", "4") == 0
-    first = read_manifest(out)["version"]
+    first = read_manifest(out).version
     assert _embed_cli(setup, out, "--chunk-rows", "4") == 0  # a full run: a second version
-    second = read_manifest(out)["version"]
+    second = read_manifest(out).version
     part = _truncate_a_part(out)
     capsys.readouterr()
     # Readers: the damaged version is named in one line; the default falls back to the older.
@@ -164,7 +165,7 @@ def test_a_truncated_part_is_reported_skipped_and_repaired(setup, capsys, caplog
     assert rc == 2 and str(part) in line and "damaged" in line
     # A full re-embed works whatever the old versions look like.
     assert _embed_cli(setup, out, "--chunk-rows", "4") == 0
-    third = read_manifest(out)["version"]
+    third = read_manifest(out).version
     assert len(EmbeddingIndex.open(out)) == 12
     # --repair: the damaged version is moved aside, and only its lost rows are embedded again.
     _truncate_a_part(out)
@@ -173,7 +174,7 @@ def test_a_truncated_part_is_reported_skipped_and_repaired(setup, capsys, caplog
     stdout = capsys.readouterr().out
     assert "4 embedded, 0 resumed, 8 unchanged" in stdout
     assert f"Repaired: moved {second}, {third} to {out / DAMAGED_DIR}" in stdout
-    assert set(Store.open(out).versions()) == {first, read_manifest(out)["version"]}
+    assert set(Store.open(out).versions()) == {first, read_manifest(out).version}
     moved = sorted(d.name[: len(second)] for d in (out / DAMAGED_DIR).iterdir())
     assert moved == [second, third]
     assert Store.open(out).damaged() == {}
@@ -186,7 +187,7 @@ def test_a_corrupt_manifest_and_a_flipped_byte_are_found(setup):
     store = Store.open(out)
     name = store.current()
     manifest = read_manifest(out)
-    part = out / VERSIONS_DIR / name / manifest["parts"][0]["file"]
+    part = out / VERSIONS_DIR / name / manifest.parts[0].file
     data = bytearray(part.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same size, same footer: only the checksum can tell
     part.unlink()
@@ -202,7 +203,7 @@ def test_a_corrupt_manifest_and_a_flipped_byte_are_found(setup):
 def test_current_and_version_accept_only_a_version_of_the_store(setup, tmp_path, capsys, caplog):
     out = setup["tmp"] / "emb"
     assert _embed_cli(setup, out) == 0
-    name = read_manifest(out)["version"]
+    name = read_manifest(out).version
     other = tmp_path / "other"
     Store.open(other, create=True).write_version(
         pd.DataFrame({"path": ["/elsewhere.png"]}), np.eye(1, 8), model_id="x"
@@ -295,7 +296,7 @@ def test_manifest_records_sizes_and_checksums(setup):
     out = setup["tmp"] / "emb"
     assert _embed_cli(setup, out) == 0
     manifest = json.loads(
-        (out / VERSIONS_DIR / read_manifest(out)["version"] / "manifest.json").read_text()
+        (out / VERSIONS_DIR / read_manifest(out).version / "manifest.json").read_text()
     )
     for p in manifest["parts"]:
         data = (out / VERSIONS_DIR / manifest["version"] / p["file"]).read_bytes()
@@ -373,3 +374,34 @@ def test_a_signal_during_embed_stops_cleanly_and_the_rerun_resumes(
     assert f"80 images embedded, 0 errors (this run: {80 - done} embedded, {done} resumed" in (
         capsys.readouterr().out
     )
+
+
+def test_a_store_written_before_the_typed_manifest_opens_and_reads(tmp_path):
+    """tests/data/store-v1 was written by the store code before Manifest existed (two embed
+    runs, the second incremental, then one write_version): every version verifies, its manifest
+    reads into typed fields, and writing it back gives the same bytes as on disk."""
+    from devise.store import Manifest
+
+    emb = tmp_path / "emb"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v1" / "emb", emb)
+    store = Store.open(emb)
+    names = store.versions()
+    assert names == ["000001-3f9ee23060656d32", "000002-3f9ee23060656d32", "000003-direct"]
+    assert store.current() == "000003-direct"
+    for name in names:
+        manifest = store.verify(name, content=True)  # sizes, row counts and CRC-32 of every part
+        on_disk = (emb / VERSIONS_DIR / name / "manifest.json").read_text(encoding="utf-8")
+        assert manifest.to_json() == on_disk
+        assert Manifest.from_dict(json.loads(on_disk)) == manifest
+    second = store.manifest("000002-3f9ee23060656d32")
+    assert (second.rows, second.errors, second.embedded, second.reused) == (7, 0, 1, 6)
+    assert second.base_version == "000001-3f9ee23060656d32" and second.content_hashes == 7
+    assert second.model_dir == "/tmp/wta/fix/model" and second.details["backbone"] == "tiny"
+    assert [p.rows for p in second.parts] == [3, 3, 1] and second.dim == 8
+    third, table = store.read()
+    assert third.version == "000003-direct" and third.model_dir is None
+    assert (third.rows, third.errors, third.vectors, third.vectors_id) == (2, 1, "words.vec", "abc")
+    assert table.column("path").to_pylist() == ["/data/a.jpg", "/data/b.jpg"]
+    assert store.errors().loc[0, "reason"] == "cannot decode"
+    index = EmbeddingIndex.open(emb)
+    assert index.version == "000003-direct" and len(index) == 2 and index.dim == 4

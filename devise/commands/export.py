@@ -26,6 +26,9 @@ def add_cli(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from devise.ann import run_cli_export
+    """Write the file, then say how many rows went into it."""
+    from devise.store import export_parquet
 
-    return run_cli_export(args)
+    out, rows = export_parquet(args.embeddings, args.to, args.version)
+    print(f"Wrote {rows} rows to {out}")
+    return 0
