@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from devise.errors import DeviseError
+
 # Text and image sides
 DEFAULT_TEXT_SPACE = "minilm"  # all-MiniLM-L6-v2 sentence encoder (devise.text.TEXT_SPACES)
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -60,6 +62,18 @@ class Resources:
     gpus_per_worker: float = 1.0
     batch_size: int = 64
     engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        # The one check of a stage's width, wherever the Resources come from (flags, Python).
+        for name in ("num_workers", "batch_size"):
+            if getattr(self, name) < 1:
+                flag = name.replace("_", "-")
+                raise DeviseError(f"--{flag} must be at least 1 (got {getattr(self, name)}).")
+        for name in ("cpus_per_worker", "decode_cpus", "gpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                flag = name.replace("_", "-")
+                raise DeviseError(f"--{flag} must be above 0 (got {value}).")
 
     @classmethod
     def of(cls, value: Resources | dict | None, default: Resources | None = None) -> Resources:

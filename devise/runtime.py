@@ -41,10 +41,6 @@ def resolve_resources(res: Resources, total_cpus: float | None = None) -> Resour
     a fair share, half the cluster split among the workers, in quarter CPUs (at least 0.25).
     A decode task asks for as much as a worker, at most 1 CPU.
     """
-    if res.num_workers < 1:
-        raise DeviseError(f"--num-workers must be at least 1 (got {res.num_workers}).")
-    if res.batch_size < 1:
-        raise DeviseError(f"--batch-size must be at least 1 (got {res.batch_size}).")
     cpus = res.cpus_per_worker
     if cpus is None:
         total = cluster_cpus() if total_cpus is None else total_cpus

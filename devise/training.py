@@ -100,8 +100,8 @@ def _validate(config: TrainConfig) -> None:
         raise TrainError(f"Unknown precision {config.precision!r}; choose one of {PRECISIONS}.")
     if config.unfreeze_last and config.mode != "online":
         raise TrainError("--unfreeze-last needs --mode online (cached features are frozen).")
-    if config.epochs < 1 or config.batch_size < 1 or config.resources.num_workers < 1:
-        raise TrainError("--epochs, --batch-size and --num-workers must be at least 1.")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise TrainError("--epochs and --batch-size must be at least 1.")
     if config.lr <= 0:
         raise TrainError(f"--lr must be positive, not {config.lr}.")
     if config.augment_views < 0:

@@ -167,8 +167,23 @@ def test_resources_resolve_one_way_for_the_cluster_size():
     assert (big.cpus_per_worker, big.decode_cpus) == (1.0, 1.0)
     given = resolve_resources(Resources(4, cpus_per_worker=3.0, decode_cpus=0.25), total_cpus=2)
     assert (given.cpus_per_worker, given.decode_cpus, given.num_workers) == (3.0, 0.25, 4)
-    with pytest.raises(DeviseError, match="--num-workers"):
-        resolve_resources(Resources(num_workers=0), total_cpus=2)
+    # The one check of a stage's width is Resources' own, whoever builds them.
+    with pytest.raises(DeviseError, match=r"^--num-workers must be at least 1 \(got 0\)\.$"):
+        Resources(num_workers=0)
+    with pytest.raises(DeviseError, match=r"^--cpus-per-worker must be above 0 \(got -1.0\)\.$"):
+        Resources(cpus_per_worker=-1.0)
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "embed"])
+def test_a_zero_width_stage_is_one_sentence_before_anything_starts(stage, tmp_path, capsys):
+    need = {
+        "train": ["--catalog", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "r")],
+        "evaluate": ["--model", str(tmp_path), "--catalog", "c", "--out", str(tmp_path / "e")],
+        "embed": ["--model", "m", "--images", str(tmp_path), "--out", str(tmp_path / "emb")],
+    }[stage]
+    rc = cli.main([stage, *need, "--num-workers", "0", "--address", "local"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"devise {stage}: error: --num-workers must be at least 1 (got 0).\n"
 
 
 # --- Joining Ray -----------------------------------------------------------------------------

@@ -158,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
     from devise.runtime import init_ray
     from devise.store import ERRORS_FILE, STAGING_DIR
 
+    resources = resources_from_args(args)  # a bad width is one sentence before anything starts
     if not getattr(args, "local", False) and args.executor != "local":
         preflight(args.address)  # a dead cluster is named before the stage loads
     if args.splits is not None and args.catalog is None:
         raise EmbedError("--splits applies to --catalog only.")
-    for flag in ("batch_size", "chunk_rows", "num_workers"):
-        if getattr(args, flag) < 1:
-            raise EmbedError(f"--{flag.replace('_', '-')} must be at least 1.")
+    if args.chunk_rows < 1:
+        raise EmbedError("--chunk-rows must be at least 1.")
     if not 0.0 <= args.max_error_fraction <= 1.0:
         raise EmbedError("--max-error-fraction must be between 0 and 1.")
     staging = Path(args.out).expanduser() / STAGING_DIR
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                 repair=args.repair,
                 max_error_fraction=args.max_error_fraction,
                 chunk_rows=args.chunk_rows,
-                resources=resources_from_args(args),
+                resources=resources,
                 torch_threads=args.torch_threads,
                 executor=choice.name,
                 address=args.address,

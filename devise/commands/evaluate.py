@@ -52,6 +52,7 @@ def add_cli(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_local(args.local, args.address)
+    resources = resources_from_args(args)  # a bad width is one sentence before anything starts
     if not Path(args.model).exists():
         from devise.evaluate import EvalError
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, catalog=args.catalog, out=args.out, feature_cache=args.feature_cache,
         conse_top=args.conse_top, pseudo_unseen=args.pseudo_unseen,
         calibration_draws=args.calibration_draws, seed=args.seed, address=args.address,
-        local=args.local, resources=resources_from_args(args),
+        local=args.local, resources=resources,
     )  # fmt: skip
     report = evaluate(config)
     print((Path(args.out) / "report.md").read_text())

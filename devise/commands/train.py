@@ -196,12 +196,13 @@ def run(args: argparse.Namespace) -> int:
     """`devise train`. Stopped by a signal after joining or starting Ray itself, the process
     ends as soon as the stop line is out."""
     check_local(args.local, args.address, given_workers(args))
+    config = config_from_args(args)
     if not args.local:
         preflight(args.address)  # a dead cluster is named before the stage loads
     from devise.training import TrainStopped, exit_at_once_at_exit, train
 
     try:
-        result = train(config_from_args(args))  # what it prints: devise.console
+        result = train(config)  # what it prints: devise.console
     except TrainStopped as e:
         if e.ray_joined_here:
             exit_at_once_at_exit(e.EXIT_CODE)
