@@ -1,4 +1,5 @@
-"""Connecting to Ray, and the one rule for how wide a stage runs (Resources)."""
+"""Connecting to Ray, and resolving how wide a stage runs (devise.config.Resources) for the
+cluster it joined."""
 
 from __future__ import annotations
 
