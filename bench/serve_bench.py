@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -169,27 +170,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _uvicorn(config):
-    import uvicorn
-
-    from devise.serve import local_app
-
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(local_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{port}", stop
-
-
 def run(
     rows_list: list[int] = (100_000, 1_000_000),
     dim: int = 384,
@@ -208,7 +188,7 @@ def run(
     from ray import serve
 
     from devise.config import ServiceConfig
-    from devise.serve import start
+    from devise.serve import serve_locally, start
 
     work = Path(work or tempfile.mkdtemp(prefix="devise-serve-bench-"))
     os.environ.setdefault("DEVISE_HOME", str(work / "home"))
@@ -227,19 +207,19 @@ def run(
             res["cold_cli"] = cold_cli(emb, queries[0], k)
             t = time.perf_counter()
             config = ServiceConfig(embeddings=str(emb), poll_s=60.0)
-            if without_ray:
-                url, stop = _uvicorn(config)
-            else:
-                url = start(config, "127.0.0.1", _free_port(), replicas, cpus_per_replica)
-                stop = serve.shutdown
-            res["server"] = (
-                "uvicorn, no Ray" if without_ray else f"Ray Serve, {replicas} replica(s)"
-            )
-            res["service_start_s"] = time.perf_counter() - t
-            load(url, queries, k, 1, 20)  # warm: word table loaded, connections made
-            res["service"] = load(url, queries, k, clients, requests_total)
-            res["service_sequential"] = load(url, queries, k, 1, min(100, requests_total))
-            stop()
+            with ExitStack() as service:
+                if without_ray:
+                    url = service.enter_context(serve_locally(config))
+                else:
+                    url = start(config, "127.0.0.1", _free_port(), replicas, cpus_per_replica)
+                    service.callback(serve.shutdown)
+                res["server"] = (
+                    "uvicorn, no Ray" if without_ray else f"Ray Serve, {replicas} replica(s)"
+                )
+                res["service_start_s"] = time.perf_counter() - t
+                load(url, queries, k, 1, 20)  # warm: word table loaded, connections made
+                res["service"] = load(url, queries, k, clients, requests_total)
+                res["service_sequential"] = load(url, queries, k, 1, min(100, requests_total))
             res["p50_ratio"] = res["service"]["p50_ms"] / res["in_process"]["p50_ms"]
             print(json.dumps(res), flush=True)
             out.append(res)

@@ -6,6 +6,10 @@ This module imports neither Ray nor FastAPI until a service is built.
 """
 
 import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated
 
@@ -115,6 +119,33 @@ def local_app(config: ServiceConfig):
                 response_class=route.response_class,
             )
     return api
+
+
+@contextmanager
+def serve_locally(config: ServiceConfig, host: str = "127.0.0.1") -> Iterator[str]:
+    """local_app under uvicorn on a thread of this process, on a free port; yields its URL and
+    stops the server when the block ends (development tools, tests, benchmarks)."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(local_app(config), host=host, port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise ServeError(f"The local server on {host}:{port} stopped before it started.")
+            time.sleep(0.05)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def app_builder(args: dict):

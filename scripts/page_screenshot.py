@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -32,46 +31,29 @@ def main(argv=None) -> int:
         sys.exit("No chromium found; run scripts/install_browser.sh as root.")
     if not Path(args.embeddings).is_dir():
         sys.exit(f"{args.embeddings} does not exist; run `make demo` first or pass --embeddings.")
-    import threading
-    import time
-
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from devise.config import ServiceConfig
-    from devise.serve import local_app
+    from devise.serve import serve_locally
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = local_app(ServiceConfig(embeddings=str(Path(args.embeddings).resolve())))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.goto(f"{url}/")
-            page.fill("#q", args.query)
-            page.fill("#k", str(args.k))
-            page.press("#q", "Enter")
-            page.wait_for_function(
-                "document.querySelectorAll('#grid img').length > 0 && [...document.querySelectorAll"
-                "('#grid img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=120_000,  # the first query may load the text encoder
-            )
-            page.wait_for_function(
-                "!document.getElementById('info').textContent.includes('loading')", timeout=120_000
-            )
-            page.screenshot(path=args.out)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    config = ServiceConfig(embeddings=str(Path(args.embeddings).resolve()))
+    with serve_locally(config) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(f"{url}/")
+        page.fill("#q", args.query)
+        page.fill("#k", str(args.k))
+        page.press("#q", "Enter")
+        page.wait_for_function(
+            "document.querySelectorAll('#grid img').length > 0 && [...document.querySelectorAll"
+            "('#grid img')].every(i => i.complete && i.naturalWidth > 0)",
+            timeout=120_000,  # the first query may load the text encoder
+        )
+        page.wait_for_function(
+            "!document.getElementById('info').textContent.includes('loading')", timeout=120_000
+        )
+        page.screenshot(path=args.out)
+        browser.close()
     print(f"Wrote {args.out}")
     return 0
 

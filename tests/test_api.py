@@ -152,27 +152,12 @@ def test_batched_search_answers_each_request_as_alone(data):
 def test_the_service_routes_answer_without_ray(data):
     """The service's FastAPI app run in-process (serve.local_app under uvicorn): the same routes
     the Serve deployment uses, checked where Ray is not needed."""
-    import socket
-    import threading
-    import time
-
     import requests
-    import uvicorn
 
     from devise.config import ServiceConfig
-    from devise.serve import local_app
+    from devise.serve import serve_locally
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = local_app(ServiceConfig(embeddings=str(data["emb"]), poll_s=60))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
+    with serve_locally(ServiceConfig(embeddings=str(data["emb"]), poll_s=60)) as url:
         body = requests.get(f"{url}/api/search", params={"q": "ship", "k": 2}, timeout=60).json()
         assert [h["label"] for h in body["results"]] == ["ship", "ship"]
         first = body["results"][0]["id"]
@@ -184,6 +169,3 @@ def test_the_service_routes_answer_without_ray(data):
         assert bad.status_code == 400 and list(bad.json()) == ["error"]
         assert requests.get(f"{url}/api/image/nope", timeout=60).status_code == 404
         assert 'id="q"' in requests.get(f"{url}/", timeout=60).text
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -31,37 +31,20 @@ def data(tmp_path_factory):
         yield make_searchable(root)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(data):
-    import uvicorn
-
     from devise.config import ServiceConfig
-    from devise.serve import local_app
+    from devise.serve import serve_locally
     from devise.webapp import LOOPBACK_NAMES
 
-    port = _free_port()
     config = ServiceConfig(
         embeddings=str(data["emb"]),
         poll_s=60,
         max_upload_mb=1.0,
         allowed_hosts=list(LOOPBACK_NAMES),
     )
-    server = uvicorn.Server(
-        uvicorn.Config(local_app(config), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_locally(config) as url:
+        yield url
 
 
 def _one_line_error(r, status: int, *words: str) -> str:
