@@ -116,6 +116,19 @@ def _stop(proc: subprocess.Popen) -> tuple[str, str]:
             proc.communicate()
 
 
+def _lose_a_worker_node(cluster, proc: subprocess.Popen, found, pick, what: str):
+    """Once found() returns something, kill the worker node that pick(it) names, then wait for
+    the driver; (the node's time of death, the driver's stdout and stderr, what found gave)."""
+    try:
+        got = _wait_for(found, proc, what=what)
+        killed_at = cluster.kill(cluster.worker(pick(got)))
+        stdout, stderr = _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return killed_at, stdout, stderr, got
+
+
 def _wait_for(check, proc: subprocess.Popen, timeout: float = 300, what: str = ""):
     """Poll check() until it returns something truthy; fail if the driver exits first."""
     deadline = time.monotonic() + timeout
@@ -166,14 +179,11 @@ def test_training_spreads_its_workers_and_survives_losing_a_worker_node(cluster,
     env = {**c.env(), T.PAUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
     cmd = _train_cmd(inputs, out, shared / "b", c.address)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = _wait_for(lambda: runs.read_metrics(out), proc, what="epoch 1's checkpoint")
-        lost = first[0]["worker_nodes"][1]
-        killed_at = cluster.kill(cluster.worker(lost))
-        _, stderr = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed_at, _, stderr, first = _lose_a_worker_node(
+        cluster, proc, lambda: runs.read_metrics(out), lambda m: m[0]["worker_nodes"][1],
+        what="epoch 1's checkpoint",
+    )  # fmt: skip
+    lost = first[0]["worker_nodes"][1]
     assert proc.returncode == 0, stderr[-3000:]
     metrics = runs.read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]  # no epoch counted twice, none missing
@@ -236,14 +246,14 @@ def test_embedding_spreads_its_actors_and_survives_losing_a_node(cluster, inputs
         [*cmd, str(hook), "0", "5", "1.0"], env=c.env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        _wait_for(lambda: _chunks(hook), proc, what="the first chunk")
-        actors = {p.name.split("-")[1] for p in hook.glob("actor-*")}
-        killed_at = cluster.kill(cluster.worker(min(actors)))
-        stdout, stderr = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def actors_once_chunked() -> set[str]:
+        """The nodes of the model actors, once the first chunk is staged."""
+        return _chunks(hook) and {p.name.split("-")[1] for p in hook.glob("actor-*")}
+
+    killed_at, stdout, stderr, actors = _lose_a_worker_node(
+        cluster, proc, actors_once_chunked, min, what="the first chunk"
+    )
     assert proc.returncode == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     manifest = _check_version(out, inputs)
@@ -338,13 +348,9 @@ def test_index_build_survives_losing_a_node_or_commits_nothing(cluster, emb, tmp
     hook = tmp_path / "hook"
     hook.mkdir()
     proc = _index(c, emb, hook, retries=3)
-    try:
-        nodes = _wait_for(lambda: _shard_nodes(hook), proc, what="shard tasks on two nodes")
-        killed_at = cluster.kill(cluster.worker(min(nodes)))
-        stdout, stderr = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed_at, stdout, stderr, nodes = _lose_a_worker_node(
+        cluster, proc, lambda: _shard_nodes(hook), min, what="shard tasks on two nodes"
+    )
     assert proc.returncode == 0, stderr[-3000:]
     _report("index: node killed -> index committed", time.time() - killed_at)
     assert "Indexed 4000 rows" in stdout
@@ -358,13 +364,9 @@ def test_index_build_survives_losing_a_node_or_commits_nothing(cluster, emb, tmp
     hook2 = tmp_path / "hook2"
     hook2.mkdir()
     proc = _index(c, emb, hook2, retries=0)
-    try:
-        nodes = _wait_for(lambda: _shard_nodes(hook2), proc, what="shard tasks on two nodes")
-        cluster.kill(cluster.worker(min(nodes)))
-        stdout, stderr = _stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, stdout, stderr, _ = _lose_a_worker_node(
+        cluster, proc, lambda: _shard_nodes(hook2), min, what="shard tasks on two nodes"
+    )
     assert proc.returncode == 75  # ann.IndexTasksLostError: try again later
     line = stderr.strip().splitlines()[-1]
     assert "nothing was committed" in line and "rerun `devise index`" in line, stderr[-3000:]

@@ -31,6 +31,15 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of a test's command: its own process group only."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _run_and_interrupt(code: str, ready, tmp_path: Path, limit_s: float = 20.0):
     """Start `python -c code` in its own process group, wait until ready(proc) is true, send
     SIGINT to the whole group (as a terminal does), and return (seconds to exit, rc, stderr)."""
@@ -52,11 +61,7 @@ def _run_and_interrupt(code: str, ready, tmp_path: Path, limit_s: float = 20.0):
         rc = proc.wait(timeout=limit_s)
         return time.monotonic() - t0, rc, err.read_text()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # only this test's own group
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
 
 
 def test_ctrl_c_ends_a_command_whose_cleanup_hangs_with_one_line(tmp_path):
@@ -175,11 +180,7 @@ def test_serve_prints_two_lines_and_stops_on_a_group_ctrl_c(tmp_path, vec_file):
         proc.wait(timeout=30)
         seconds = time.monotonic() - t0
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # only this test's own group
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
     printed = out.read_text().strip().splitlines()
     assert len(printed) == 2 and printed[0].startswith("Serving "), printed
     said = err.read_text()
