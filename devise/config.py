@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from devise.errors import DeviseError
@@ -74,22 +74,6 @@ class Resources:
             if value is not None and value <= 0:
                 flag = name.replace("_", "-")
                 raise DeviseError(f"--{flag} must be above 0 (got {value}).")
-
-    @classmethod
-    def of(cls, value: Resources | dict | None, default: Resources | None = None) -> Resources:
-        """value as Resources: itself, or the dict a config.json holds (None: default)."""
-        if value is None:
-            return default or cls()
-        return value if isinstance(value, Resources) else cls(**value)
-
-
-def _with_resources(cls, data: dict):
-    """cls(**data), with data["resources"] read back from the dict a JSON file holds."""
-    data = dict(data)
-    if "resources" in data:
-        default = next(f.default for f in fields(cls) if f.name == "resources")
-        data["resources"] = Resources.of(data["resources"], default)
-    return cls(**data)
 
 
 # Each stage's default resources: Train workers + feature actors, evaluation's feature pass, an
@@ -170,11 +154,6 @@ class TrainConfig:
         data["catalog"] = str(Path(self.catalog).expanduser().resolve())
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        """The config a RUN_DIR/config.json holds."""
-        return _with_resources(cls, data)
-
 
 @dataclass
 class EvalConfig:
@@ -221,7 +200,9 @@ class EmbedConfig:
     @classmethod
     def from_dict(cls, data: dict) -> EmbedConfig:
         """The config as asdict() wrote it (a job passing it on as JSON)."""
-        return _with_resources(cls, data)
+        if isinstance(data.get("resources"), dict):
+            data = {**data, "resources": Resources(**data["resources"])}
+        return cls(**data)
 
 
 @dataclass

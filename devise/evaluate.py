@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -269,27 +270,30 @@ class _Classes:
     unseen_names: list[str]
     unseen_matrix: np.ndarray
 
-    @property
+    @cached_property
     def keys(self) -> list[str]:
         return self.seen_keys + self.unseen_keys
 
-    @property
+    @cached_property
     def names(self) -> list[str]:
         return self.seen_names + self.unseen_names
 
-    @property
+    @cached_property
     def matrix(self) -> np.ndarray:
         return np.concatenate([self.seen_matrix, self.unseen_matrix])
 
-    @property
+    @cached_property
     def is_unseen(self) -> np.ndarray:
         """(C,) bool over keys: the held-out classes."""
         return np.arange(len(self.keys)) >= len(self.seen_keys)
 
+    @cached_property
+    def _rows(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
     def targets(self, labels) -> np.ndarray:
         """Each label's row in keys, -1 for a class not evaluated."""
-        index = {k: i for i, k in enumerate(self.keys)}
-        return np.array([index.get(k, -1) for k in labels])
+        return np.array([self._rows.get(k, -1) for k in labels])
 
 
 def _classes(spec, catalog, vectors) -> _Classes:
@@ -359,16 +363,17 @@ def _representations(head, vectors, config: EvalConfig, test, unseen, train):
     return reps, note, conse_fn
 
 
-def _softmax_scores(config: EvalConfig, classes: _Classes, train, test) -> np.ndarray:
+def _softmax_scores(config: EvalConfig, classes: _Classes, train, t_train, test) -> np.ndarray:
     """The softmax baseline: a linear classifier over the seen classes, on the same features."""
-    t_train = classes.targets(train.labels)
     ok = t_train >= 0
     softmax = fit_softmax(train.features[ok], t_train[ok], len(classes.seen_keys), seed=config.seed)
     with torch.no_grad():
         return softmax(torch.from_numpy(test.features.astype(np.float32))).numpy()
 
 
-def _gammas(config, spec, fs, classes: _Classes, reps: dict, train, conse_fn) -> tuple[dict, dict]:
+def _gammas(
+    config, spec, fs, classes: _Classes, reps: dict, t_train, conse_fn
+) -> tuple[dict, dict]:
     """Calibrated stacking's γ per method, each chosen on the training split; (γs, details)."""
     seen = classes.seen_keys
     info = _choose_gamma_on_training_split(spec, fs, seen, classes.seen_matrix, config, conse_fn)
@@ -376,7 +381,6 @@ def _gammas(config, spec, fs, classes: _Classes, reps: dict, train, conse_fn) ->
     if reps["ConSE"]["test"] is not None and info.get("pseudo_unseen"):
         # ConSE has no training: its constant is chosen on the training split's images directly,
         # with the same pseudo-unseen classes.
-        t_train = classes.targets(train.labels)
         ok = t_train >= 0
         pseudo = np.isin(np.array(seen), info["pseudo_unseen"])
         gammas["ConSE"] = choose_gamma(
@@ -436,6 +440,7 @@ def evaluate(config: EvalConfig) -> dict:
     classes = _classes(spec, catalog, vectors)
     test, unseen, train = (fs.select(splits=[s], views=[0]) for s in ("test", "unseen", "train"))
     t_test, t_unseen = classes.targets(test.labels), classes.targets(unseen.labels)
+    t_train = classes.targets(train.labels)
     counts = {
         "train_images": len(train),
         "test_images": int((t_test >= 0).sum()),
@@ -447,9 +452,9 @@ def evaluate(config: EvalConfig) -> dict:
     log.info("Evaluating on %s", counts)
     reps, conse_note, conse_fn = _representations(head, vectors, config, test, unseen, train)
     default_method = COMBINED if COMBINED in reps else "DeViSE"
-    gammas, gamma_info = _gammas(config, spec, fs, classes, reps, train, conse_fn)
+    gammas, gamma_info = _gammas(config, spec, fs, classes, reps, t_train, conse_fn)
     concepts = _concepts(classes.keys, classes.names, config.concepts)
-    softmax = _softmax_scores(config, classes, train, test)
+    softmax = _softmax_scores(config, classes, train, t_train, test)
     rows: dict[str, dict] = {"softmax": {"flat": hit_at_k(softmax[t_test >= 0], t_test[t_test >= 0], KS)}}  # fmt: skip
     for method in ("ConSE", "DeViSE", COMBINED):
         rep = reps.get(method)

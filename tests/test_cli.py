@@ -174,6 +174,19 @@ def test_resources_resolve_one_way_for_the_cluster_size():
         Resources(cpus_per_worker=-1.0)
 
 
+def test_an_embed_config_passed_on_as_json_reads_back_equal():
+    """Jobs hand an EmbedConfig to a driver as JSON (asdict); its resources come back typed."""
+    import json
+    from dataclasses import asdict
+
+    from devise.config import EmbedConfig
+
+    config = EmbedConfig(model_dir="m", out="o", resources=Resources(3, 0.5, 0.25, batch_size=8))
+    back = EmbedConfig.from_dict(json.loads(json.dumps(asdict(config))))
+    assert back == config and isinstance(back.resources, Resources)
+    assert EmbedConfig.from_dict({"model_dir": "m", "out": "o"}).resources == EmbedConfig.resources
+
+
 @pytest.mark.parametrize("stage", ["train", "evaluate", "embed"])
 def test_a_zero_width_stage_is_one_sentence_before_anything_starts(stage, tmp_path, capsys):
     need = {
