@@ -7,8 +7,8 @@ hooks that hold it at a known point so a test can lose a node (or the driver) th
 embed: devise.embed.embed(EmbedConfig.from_dict(CONFIG_JSON)); every staged chunk appends
 {"index", "rows", "time"} to HOOK_DIR/chunks.jsonl, and after chunk PAUSE_AFTER_CHUNK the
 driver sleeps PAUSE_S (Ray Data keeps working meanwhile); with BATCH_S, the model actors wait
-for each other on two nodes and then take BATCH_S a batch (see _slow_actor); the result is the
-last stdout line (JSON). index: `devise index INDEX ARGS` whose shard tasks each write
+for each other on two nodes and then take BATCH_S a batch (see _slow_actor); the result is
+HOOK_DIR/result.json (not stdout, where Ray forwards the cluster's log lines, which may come last). index: `devise index INDEX ARGS` whose shard tasks each write
 HOOK_DIR/shard-<node>-<pid> when they start, then sleep SHARD_PAUSE_S; shards.TASK_RETRIES is set
 to TASK_RETRIES.
 """
@@ -22,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULT_FILE = "result.json"
 
 
 def _slow_actor(hook_dir: str, batch_s: float):
@@ -73,7 +75,7 @@ def run_embed(
             time.sleep(pause_s)
 
     result = embed(config, on_part=on_part)
-    print(json.dumps(asdict(result), default=str), flush=True)
+    (Path(hook_dir) / RESULT_FILE).write_text(json.dumps(asdict(result), default=str))
     return 0
 
 

@@ -459,7 +459,8 @@ def test_sigterm_stops_training_cleanly_and_a_rerun_resumes(
     assert re.fullmatch(
         r"python jobs/train\.py: error: Stopped by SIGTERM( after epoch 1)?; rerun the same "
         r"command to resume from the latest checkpoint\.",
-        stderr.strip().splitlines()[-1],
+        # The last line of the command's own (Ray's forwarded log lines start "(name pid=...)").
+        [x for x in stderr.strip().splitlines() if not x.startswith(("(", "\x1b"))][-1],
     ), stderr[-3000:]
     assert "Traceback" not in stderr and "Traceback" not in stdout
     assert not (out / "model").exists()
