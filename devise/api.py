@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from devise.config import DEFAULT_K
 from devise.search import EmbeddingIndex, SearchError, resolve_model
 from devise.similarity import normalize_rows
 from devise.store import row_id
@@ -298,7 +299,7 @@ class Index:
     # -- searching -----------------------------------------------------------------------------
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, exclude: Sequence[int | None] | None = None
+        self, vectors: np.ndarray, k: int = DEFAULT_K, exclude: Sequence[int | None] | None = None
     ) -> list[list[dict]]:
         """Query vectors (Q, D) -> Q lists of k records. exclude[q], a row number, is left out
         of query q's results."""
@@ -315,7 +316,9 @@ class Index:
             )
         return out
 
-    def search(self, query: str | Sequence[str], k: int = 10) -> list[dict] | list[list[dict]]:
+    def search(
+        self, query: str | Sequence[str], k: int = DEFAULT_K
+    ) -> list[dict] | list[list[dict]]:
         """Text -> the k nearest images: a list of records for one query, a list of such lists
         for a list of queries."""
         single = isinstance(query, str)
@@ -342,7 +345,7 @@ class Index:
         return rows[0] if single else rows
 
     def search_image(
-        self, image: ImageInput, k: int = 10, include_self: bool = False
+        self, image: ImageInput, k: int = DEFAULT_K, include_self: bool = False
     ) -> list[dict]:
         """An image (path, encoded bytes or PIL image) -> its k nearest images. A path that is
         itself in the index is left out of its results unless include_self."""
@@ -353,7 +356,7 @@ class Index:
             skip = self._row_of_path(image)
         return self.search_vectors(vec, k, exclude=[skip])[0]
 
-    def similar(self, id: str, k: int = 10) -> list[dict]:
+    def similar(self, id: str, k: int = DEFAULT_K) -> list[dict]:
         """The k images nearest to an indexed image (itself left out); KeyError for unknown ids."""
         k = check_k(k)
         row = self.row(id)

@@ -34,6 +34,9 @@ DEFAULT_MAX_ERROR_FRACTION = 0.5
 # The approximate index (devise.ann)
 INDEX_KINDS = ("flat", "ivf-pq", "hnsw")
 DEFAULT_QUERIES = 500  # held-out rows that measure an index's recall
+RECALL_K = 10  # an index's recall is recall@10 (its meta's "recall_at_10")
+
+# Search: results per query (the CLI, the Python API, the service and the demo)
 DEFAULT_K = 10
 
 # The service (devise.serve)
@@ -268,7 +271,7 @@ class DemoConfig:
     epochs: int = 15
     batch_size: int = 128  # training batch per worker
     lr: float = 1e-3
-    k: int = 10  # results per search
+    k: int = DEFAULT_K  # results per search
     vectors: str = DEFAULT_TEXT_SPACE  # the text space trained, embedded and searched with
     # Text spaces also trained on the same cached features, for the comparison table.
     compare: tuple[str, ...] = ("glove-100d",)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devise.config import DEFAULT_K
 from devise.errors import DeviseError
 from devise.similarity import normalize_rows, top_k
 from devise.store import EmbedError, Manifest, embedding_matrix, read_version
@@ -200,7 +201,7 @@ class EmbeddingIndex:
     def model_id(self) -> str:
         return self.manifest.model_id
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
         """Query vectors (Q, D) or (D,) -> (scores (Q, k), indices (Q, k)), cosine, best first."""
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.dim:
@@ -329,7 +330,7 @@ def query_vector(text: str, space) -> np.ndarray:
 
 
 def search_text(
-    index: EmbeddingIndex, queries: Sequence[str], space, k: int = 10
+    index: EmbeddingIndex, queries: Sequence[str], space, k: int = DEFAULT_K
 ) -> list[list[SearchResult]]:
     """Words or phrases -> the k nearest images each (queries encoded in one batch)."""
     from devise.text import as_text_space

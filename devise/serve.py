@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated
 
-from devise.config import DEFAULT_HOST, DEFAULT_PORT, ServiceConfig
+from devise.config import DEFAULT_HOST, DEFAULT_K, DEFAULT_PORT, ServiceConfig
 from devise.errors import DeviseError
 from devise.webapp import SearchReplica, create_api
 
@@ -66,16 +66,16 @@ def _service_class(api):
             return self.info_reply()
 
         @api.get("/api/search")
-        async def search(self, q: Annotated[list[str], Query()], k: KQuery = 10):
+        async def search(self, q: Annotated[list[str], Query()], k: KQuery = DEFAULT_K):
             return await self.search_reply(q, k)
 
         @api.get("/api/similar/{id}")
-        def similar(self, id: str, k: KQuery = 10):
+        def similar(self, id: str, k: KQuery = DEFAULT_K):
             return self.similar_reply(id, k)
 
         @api.post("/api/search/image")
         async def search_image(
-            self, file: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 10
+            self, file: Annotated[UploadFile, File()], k: Annotated[int, Form()] = DEFAULT_K
         ):
             return await self.image_search_reply(file, k)
 

@@ -169,3 +169,10 @@ def test_the_service_routes_answer_without_ray(data):
         assert bad.status_code == 400 and list(bad.json()) == ["error"]
         assert requests.get(f"{url}/api/image/nope", timeout=60).status_code == 404
         assert 'id="q"' in requests.get(f"{url}/", timeout=60).text
+        # Without k, the routes answer the same number of results as the CLI and Index.search.
+        from devise.config import DEFAULT_K
+
+        paths = requests.get(f"{url}/api/openapi", timeout=60).json()["paths"]
+        for route in ("/api/search", "/api/similar/{id}"):
+            (k,) = [x for x in paths[route]["get"]["parameters"] if x["name"] == "k"]
+            assert k["schema"]["default"] == DEFAULT_K, route

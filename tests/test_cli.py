@@ -110,6 +110,11 @@ def test_parser_defaults_are_the_configs():
     assert subs["train"].get_default("head") == C.TrainConfig.head == "linear"
     assert subs["embed"].get_default("chunk_rows") == C.DEFAULT_CHUNK_ROWS
     assert subs["embed"].get_default("keep_versions") == C.DEFAULT_KEEP_VERSIONS
+    # One number of results per search for the CLI, the demo, the Python API and the service.
+    from devise.api import Index
+
+    assert subs["search"].get_default("k") == subs["demo"].get_default("k") == C.DEFAULT_K
+    assert inspect.signature(Index.search).parameters["k"].default == C.DEFAULT_K
 
 
 @pytest.mark.parametrize("job", ["train", "embed", "evaluate", "search"])

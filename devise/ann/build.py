@@ -27,7 +27,7 @@ from devise.ann.kinds import (
 )
 from devise.ann.shards import _deserialize, _groups, _Runner, _serialize, build_shard, sample_rows
 from devise.ann.tuning import tune
-from devise.config import DEFAULT_K, DEFAULT_QUERIES, IndexConfig
+from devise.config import DEFAULT_QUERIES, RECALL_K, IndexConfig
 from devise.similarity import merge_top_k
 from devise.store import Store, Version, part_embeddings
 
@@ -155,7 +155,7 @@ def _build(
     )
     tmp = new_index_folder(version)
     try:
-        shared = {"queries": query_vecs, "k": DEFAULT_K + 1}
+        shared = {"queries": query_vecs, "k": RECALL_K + 1}
         if kind.shardable:
             shared["base_blob"] = _serialize(base)
         if kind.rerank:
@@ -175,7 +175,7 @@ def _build(
             "%s: the %s index reaches recall@%d %.3f at best, under the target %.3f.",
             version.name,
             kind.name,
-            DEFAULT_K,
+            RECALL_K,
             recall,
             target_recall,
         )
@@ -261,7 +261,7 @@ def _merge(
     exact_i = np.full((n_q, 0), -1, np.int64)
     for sh in shards:
         exact_s, exact_i = merge_top_k(
-            exact_s, exact_i, sh["gt_scores"], sh["gt_ids"], DEFAULT_K + 1
+            exact_s, exact_i, sh["gt_scores"], sh["gt_ids"], RECALL_K + 1
         )
     if kind.shardable:
         base = _deserialize(shards[0]["base"])

@@ -7,7 +7,7 @@ import numpy as np
 
 from devise.ann.index import AnnIndex
 from devise.ann.kinds import KINDS
-from devise.config import DEFAULT_K
+from devise.config import RECALL_K
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, self_ids: np.ndarray, k: int) -> float:
@@ -26,7 +26,7 @@ def _cost(kind: str, params: dict, rows: int, meta: dict) -> float:
     latency on a busy machine would make the chosen parameters random)."""
     if kind == "ivf-pq":
         scanned = params["nprobe"] * rows / meta["nlist"] * meta["coarse_bytes"]
-        return scanned + params["k_factor"] * DEFAULT_K * meta["dim"] * 4 + meta["nlist"]
+        return scanned + params["k_factor"] * RECALL_K * meta["dim"] * 4 + meta["nlist"]
     if kind == "hnsw":
         return params["efSearch"]
     return rows
@@ -38,7 +38,7 @@ def tune(
     exact_ids: np.ndarray,
     self_ids: np.ndarray,
     target: float,
-    k: int = DEFAULT_K,
+    k: int = RECALL_K,
 ) -> tuple[dict, float, list[dict]]:
     """Try the kind's search parameters on the held-out queries; keep the cheapest that reaches
     `target` recall@k (else the best one). Returns (params, recall, every trial)."""

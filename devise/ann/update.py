@@ -24,7 +24,7 @@ from devise.ann.index import (
 from devise.ann.kinds import REBUILD_FRACTION, VECTORS_FILE, IndexBuildError, _faiss
 from devise.ann.shards import _groups, _Runner, build_shard
 from devise.ann.tuning import tune
-from devise.config import DEFAULT_K, DEFAULT_QUERIES
+from devise.config import DEFAULT_QUERIES, RECALL_K
 from devise.similarity import merge_top_k
 from devise.store import EmbedError, Manifest, Store, Version
 
@@ -188,14 +188,14 @@ def _retune(
     n_q = min(queries, new.rows)
     query_ids = np.sort(rng.choice(new.rows, size=n_q, replace=False))
     query_vecs = new.embeddings_at(query_ids)
-    shared = {"queries": query_vecs, "k": DEFAULT_K + 1}
+    shared = {"queries": query_vecs, "k": RECALL_K + 1}
     if old.vectors is not None:
         shared["vectors_path"] = str(_vectors_file(tmp, new.rows, new.dim))
     exact_s = np.full((n_q, 0), -np.inf, np.float32)
     exact_i = np.full((n_q, 0), -1, np.int64)
     for sh in runner.map(build_shard, [(g,) for g in _groups(new.parts, num_tasks)], shared):
         exact_s, exact_i = merge_top_k(
-            exact_s, exact_i, sh["gt_scores"], sh["gt_ids"], DEFAULT_K + 1
+            exact_s, exact_i, sh["gt_scores"], sh["gt_ids"], RECALL_K + 1
         )
     vectors = None
     if old.vectors is not None:

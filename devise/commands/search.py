@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from devise.config import DEFAULT_K
+
 if TYPE_CHECKING:
     from devise.search import SearchResult
 
@@ -24,7 +26,7 @@ def add_cli(subparsers) -> None:
         "queries", nargs="*", metavar="QUERY", help="words or phrases (any phrase with an encoder)"
     )
     p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
-    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("-k", type=int, default=DEFAULT_K, help="results per query")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--montage", metavar="OUT.png", help="also write a PNG strip of the results")
     p.add_argument("--image", help="search with an image instead of words")
