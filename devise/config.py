@@ -25,6 +25,7 @@ ENGINES = ("auto", "torch", "onnx")  # what runs the image backbone (devise.engi
 # PACK fills a node first (fast collectives), SPREAD puts them on different nodes where it can
 # (one lost node takes fewer workers with it), STRICT_* refuse to start otherwise.
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEFAULT_PLACEMENT = "PACK"
 
 # The embeddings store (devise.store)
 DEFAULT_CHUNK_ROWS = 4096
@@ -125,7 +126,7 @@ class TrainConfig:
     resources: Resources = TRAIN_RESOURCES
     embed_workers: int = 1
     address: str | None = None
-    placement_strategy: str = "PACK"  # how the Train workers spread over nodes (runtime)
+    placement_strategy: str = DEFAULT_PLACEMENT  # how the Train workers spread over nodes (runtime)
     loader_workers: int = 0  # online mode: DataLoader processes per train worker
     # Storage and fault tolerance
     storage: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from devise.config import ENGINES, PLACEMENT_STRATEGIES, Resources
+from devise.config import DEFAULT_PLACEMENT, ENGINES, PLACEMENT_STRATEGIES, Resources
 
 ADDRESS_HELP = (
     "Ray cluster to join; 'local' starts a fresh local Ray (default: RAY_ADDRESS, else the "
@@ -93,7 +93,7 @@ def add_ray_args(
     if placement:
         g.add_argument(
             "--placement-strategy",
-            default="PACK",
+            default=DEFAULT_PLACEMENT,
             type=str.upper,
             choices=PLACEMENT_STRATEGIES,
             help="how the workers spread over the cluster's nodes: PACK (fill a node first), "
