@@ -201,6 +201,13 @@ class EmbedConfig:
     stale_lock_s: float = 600.0
     keep_versions: int = DEFAULT_KEEP_VERSIONS
 
+    def __post_init__(self) -> None:
+        # The run's bounds, wherever the config comes from (flags, a job's JSON, Python).
+        if self.chunk_rows < 1:
+            raise DeviseError("--chunk-rows must be at least 1.")
+        if not 0.0 <= self.max_error_fraction <= 1.0:
+            raise DeviseError("--max-error-fraction must be between 0 and 1.")
+
     @classmethod
     def from_dict(cls, data: dict) -> EmbedConfig:
         """The config as asdict() wrote it (a job passing it on as JSON)."""

@@ -204,6 +204,32 @@ def test_a_zero_width_stage_is_one_sentence_before_anything_starts(stage, tmp_pa
     assert rc == 2 and err == f"devise {stage}: error: --num-workers must be at least 1 (got 0).\n"
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "sentence"),
+    [
+        ("chunk_rows", 0, "--chunk-rows must be at least 1."),
+        ("max_error_fraction", 1.5, "--max-error-fraction must be between 0 and 1."),
+    ],
+)
+def test_an_embedding_runs_bounds_are_one_sentence_from_the_cli_and_python(
+    flag, value, sentence, tmp_path, capsys
+):
+    """The config holds the rule: Python gets the sentence the CLI prints, and the CLI prints it
+    before it looks for the cluster (the address here is a closed port)."""
+    import re
+
+    from devise.config import EmbedConfig
+    from devise.errors import DeviseError
+
+    with pytest.raises(DeviseError, match=f"^{re.escape(sentence)}$"):
+        EmbedConfig(model_dir="m", out="o", **{flag: value})
+    argv = ["embed", "--model", "m", "--images", str(tmp_path), "--out", str(tmp_path / "emb"),
+            f"--{flag.replace('_', '-')}", str(value), "--address", f"127.0.0.1:{_closed_port()}"]  # fmt: skip
+    rc = cli.main(argv)
+    assert rc == 2 and capsys.readouterr().err == f"devise embed: error: {sentence}\n"
+    assert not (tmp_path / "emb").exists()
+
+
 # --- Joining Ray -----------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from devise.commands.common import LOCAL_HELP, add_ray_args, resources_from_args
@@ -138,17 +139,15 @@ def _parse_splits(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _executor_choice(args: argparse.Namespace):
-    """The executor for `devise embed`'s flags: --local/--executor, else Ray when a cluster is
-    named (--address, RAY_ADDRESS, a cluster `ray start` recorded) or several GPU workers."""
+def _executor_choice(config: EmbedConfig):
+    """The executor for the run: --local/--executor, else Ray when a cluster is named
+    (--address, RAY_ADDRESS, a cluster `ray start` recorded) or several GPU workers."""
     from devise.executors import choose_executor
     from devise.runtime import ray_address
 
-    requested = "local" if args.local else args.executor
-    address = args.address or (ray_address(None)[0] if requested == "auto" else None)
-    return choose_executor(
-        requested, address=address, use_gpu=args.use_gpu, workers=args.num_workers
-    )
+    requested, res = config.executor, config.resources
+    address = config.address or (ray_address(None)[0] if requested == "auto" else None)
+    return choose_executor(requested, address=address, use_gpu=res.use_gpu, workers=res.num_workers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,42 +157,38 @@ def run(args: argparse.Namespace) -> int:
     from devise.runtime import init_ray
     from devise.store import ERRORS_FILE, STAGING_DIR
 
-    resources = resources_from_args(args)  # a bad width is one sentence before anything starts
-    if not getattr(args, "local", False) and args.executor != "local":
-        preflight(args.address)  # a dead cluster is named before the stage loads
     if args.splits is not None and args.catalog is None:
         raise EmbedError("--splits applies to --catalog only.")
-    if args.chunk_rows < 1:
-        raise EmbedError("--chunk-rows must be at least 1.")
-    if not 0.0 <= args.max_error_fraction <= 1.0:
-        raise EmbedError("--max-error-fraction must be between 0 and 1.")
+    # A bad width or bound is one sentence (the config's checks) before anything starts.
+    config = EmbedConfig(
+        model_dir=args.model,
+        out=args.out,
+        catalog=args.catalog,
+        splits=_parse_splits(args.splits),
+        images=args.images,
+        incremental=args.incremental or args.repair,
+        verify=args.verify,
+        repair=args.repair,
+        max_error_fraction=args.max_error_fraction,
+        chunk_rows=args.chunk_rows,
+        resources=resources_from_args(args),
+        torch_threads=args.torch_threads,
+        executor="local" if args.local else args.executor,
+        address=args.address,
+        wait_lock_s=args.wait_lock,
+        keep_versions=args.keep_versions,
+    )
+    if config.executor != "local":
+        preflight(args.address)  # a dead cluster is named before the stage loads
     staging = Path(args.out).expanduser() / STAGING_DIR
     try:
         with _sigterm_unwinds() as rearm:
-            choice = _executor_choice(args)
+            choice = _executor_choice(config)
             print(choice.line(), flush=True)
             if choice.name == "ray":
                 init_ray(args.address)
                 rearm()
-            config = EmbedConfig(
-                model_dir=args.model,
-                out=args.out,
-                catalog=args.catalog,
-                splits=_parse_splits(args.splits),
-                images=args.images,
-                incremental=args.incremental or args.repair,
-                verify=args.verify,
-                repair=args.repair,
-                max_error_fraction=args.max_error_fraction,
-                chunk_rows=args.chunk_rows,
-                resources=resources,
-                torch_threads=args.torch_threads,
-                executor=choice.name,
-                address=args.address,
-                wait_lock_s=args.wait_lock,
-                keep_versions=args.keep_versions,
-            )
-            r = embed(config)
+            r = embed(replace(config, executor=choice.name))
     except (Terminated, KeyboardInterrupt) as e:
         code, what = (143, "terminated") if isinstance(e, Terminated) else (130, "interrupted")
         print(
