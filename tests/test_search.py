@@ -173,6 +173,16 @@ def test_missing_folder_is_one_clear_error(tmp_path, capsys):
     assert rc == 2 and "does not exist" in err and "devise embed" in err
 
 
+@pytest.mark.parametrize("k", ["0", "1001"])
+def test_k_out_of_bounds_is_the_apis_sentence_before_anything_opens(tmp_path, capsys, k):
+    """-k is held to Index's own bounds (1..MAX_K), said before the folder is even looked at."""
+    rc = cli.main(["search", "cat", "--embeddings", str(tmp_path / "nope"), "-k", k])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        f"devise search: error: k must be a whole number from 1 to 1000, not {k}.\n"
+    )
+
+
 def test_readers_never_see_staged_or_uncommitted_data(emb_dir, word_vectors):
     """A writer mid-commit leaves staging parts and a .tmp version; readers follow CURRENT."""
     before = EmbeddingIndex.open(emb_dir)

@@ -59,13 +59,12 @@ def add_cli(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`devise search`, on top of devise.api.Index."""
-    from devise.api import Index
+    from devise.api import Index, check_k
     from devise.search import MONTAGE_SUFFIXES, SearchError, SearchResult, montage
 
     if bool(args.queries) == bool(args.image):
         raise SearchError("Give words to search for, or --image PATH (not both).")
-    if args.k < 1:
-        raise SearchError("-k must be at least 1.")
+    check_k(args.k)  # Index's own bounds, said before the model loads
     if args.image:  # before the model loads: a file that is no image says so at once
         from devise.images import ImageDecodeError, decode_image
 
