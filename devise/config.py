@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,8 @@ DEFAULT_K = 10
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_MB = 10.0
+DEFAULT_REPLICAS = 1
+DEFAULT_CPUS_PER_REPLICA = 0.5
 
 # The demo (devise.demo): Fashion-MNIST classes held out of training
 DEFAULT_HOLDOUT = ("sandal", "pullover")
@@ -245,6 +248,17 @@ class ServiceConfig:
     model: str | None = None
     allowed_hosts: list[str] | None = None  # Host names accepted (None: any)
     show_paths: bool = False  # name server folders in /api/info and errors
+
+    def __post_init__(self) -> None:
+        # The service's bounds, wherever the config comes from (flags, a serve config's args).
+        for flag, value, low in (
+            ("--poll-seconds", self.poll_s, 0.05),
+            ("--max-upload-mb", self.max_upload_mb, 0.001),
+        ):
+            if not math.isfinite(value) or value < low:
+                raise DeviseError(f"{flag} must be a number of at least {low:g}, not {value:g}.")
+        if self.max_upload_mb > 1024:
+            raise DeviseError(f"--max-upload-mb must be at most 1024, not {self.max_upload_mb:g}.")
 
 
 @dataclass

@@ -13,7 +13,14 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated
 
-from devise.config import DEFAULT_HOST, DEFAULT_K, DEFAULT_PORT, ServiceConfig
+from devise.config import (
+    DEFAULT_CPUS_PER_REPLICA,
+    DEFAULT_HOST,
+    DEFAULT_K,
+    DEFAULT_PORT,
+    DEFAULT_REPLICAS,
+    ServiceConfig,
+)
 from devise.errors import DeviseError
 from devise.webapp import SearchReplica, create_api
 
@@ -86,7 +93,11 @@ def _service_class(api):
     return SearchService
 
 
-def build_app(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float = 0.5):
+def build_app(
+    config: ServiceConfig,
+    replicas: int = DEFAULT_REPLICAS,
+    cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
+):
     """The Ray Serve application: `replicas` copies of the ingress deployment, each holding the
     version CURRENT names in memory and following it."""
     from ray import serve
@@ -152,8 +163,8 @@ def app_builder(args: dict):
     """Entry point for `serve run` / `serve deploy` configs: import_path devise.serve:app_builder,
     args {embeddings, replicas, cpus_per_replica, poll_s, max_upload_mb, vectors, model}."""
     args = dict(args)
-    replicas = int(args.pop("replicas", 1))
-    cpus = float(args.pop("cpus_per_replica", 0.5))
+    replicas = int(args.pop("replicas", DEFAULT_REPLICAS))
+    cpus = float(args.pop("cpus_per_replica", DEFAULT_CPUS_PER_REPLICA))
     return build_app(ServiceConfig(**args), replicas, cpus)
 
 
@@ -161,8 +172,8 @@ def start(
     config: ServiceConfig,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    replicas: int = 1,
-    cpus_per_replica: float = 0.5,
+    replicas: int = DEFAULT_REPLICAS,
+    cpus_per_replica: float = DEFAULT_CPUS_PER_REPLICA,
     name: str = "devise",
 ) -> str:
     """Start Serve's HTTP proxy on host:port (Ray must be initialised) and deploy the app;

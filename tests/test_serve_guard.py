@@ -231,6 +231,30 @@ def test_every_serve_flag_is_checked_in_one_line(data, capsys, flags, words):
     assert code == 2 and len(err.splitlines()) == 1 and words in err, err
 
 
+def test_the_service_configs_bounds_and_defaults_are_the_flags(data):
+    """A ServiceConfig from Python or a serve config's args is held to the flags' bounds, and
+    the flags default to the config's and the service's own defaults."""
+    import inspect
+
+    from devise import serve
+    from devise.cli import build_parser
+    from devise.config import ServiceConfig
+    from devise.errors import DeviseError
+
+    emb = str(data["emb"])
+    with pytest.raises(DeviseError, match=r"^--poll-seconds must be a number of at least 0\.05"):
+        serve.app_builder({"embeddings": emb, "poll_s": 0.0})
+    with pytest.raises(DeviseError, match=r"^--max-upload-mb must be at most 1024, not 2000\.$"):
+        ServiceConfig(embeddings=emb, max_upload_mb=2000.0)
+    p = build_parser("devise", "serve")
+    assert p.get_default("poll_seconds") == ServiceConfig.poll_s
+    assert p.get_default("max_upload_mb") == ServiceConfig.max_upload_mb
+    for fn in (serve.start, serve.build_app):
+        params = inspect.signature(fn).parameters
+        assert p.get_default("replicas") == params["replicas"].default, fn
+        assert p.get_default("cpus_per_replica") == params["cpus_per_replica"].default, fn
+
+
 def test_a_port_in_use_is_one_line_before_ray_starts(data, capsys, monkeypatch):
     import devise.runtime
 

@@ -10,7 +10,14 @@ from pathlib import Path
 # The module holds no heavy import at its top (stdlib and devise.config only): the service's
 # modules load when the command runs.
 from devise.commands.common import add_address_arg
-from devise.config import DEFAULT_HOST, DEFAULT_MAX_UPLOAD_MB, DEFAULT_PORT, ServiceConfig
+from devise.config import (
+    DEFAULT_CPUS_PER_REPLICA,
+    DEFAULT_HOST,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_PORT,
+    DEFAULT_REPLICAS,
+    ServiceConfig,
+)
 
 
 def add_cli(subparsers) -> None:
@@ -23,17 +30,17 @@ def add_cli(subparsers) -> None:
     p.add_argument("--embeddings", required=True, help="embeddings folder (EMB_DIR)")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
-    p.add_argument("--replicas", type=int, default=1, help="search replicas")
+    p.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS, help="search replicas")
     p.add_argument(
         "--cpus-per-replica",
         type=float,
-        default=0.5,
+        default=DEFAULT_CPUS_PER_REPLICA,
         help="CPUs each replica asks Ray for",
     )
     p.add_argument(
         "--poll-seconds",
         type=float,
-        default=2.0,
+        default=ServiceConfig.poll_s,
         help="how often replicas look for a newly committed version (at least 0.05)",
     )
     p.add_argument(
@@ -54,22 +61,18 @@ def add_cli(subparsers) -> None:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Every `devise serve` flag checked before anything starts (ServeError, one sentence)."""
+    """The `devise serve` flags that are not the ServiceConfig's (whose own checks hold its
+    bounds), checked before anything starts (ServeError, one sentence)."""
     from devise.serve import ServeError
 
     if args.replicas < 1:
         raise ServeError(f"--replicas must be at least 1, not {args.replicas}.")
     if not 0 < args.port < 65536:
         raise ServeError(f"--port must be from 1 to 65535, not {args.port}.")
-    for flag, value, low in (
-        ("--poll-seconds", args.poll_seconds, 0.05),
-        ("--max-upload-mb", args.max_upload_mb, 0.001),
-        ("--cpus-per-replica", args.cpus_per_replica, 0.001),
-    ):
-        if not math.isfinite(value) or value < low:
-            raise ServeError(f"{flag} must be a number of at least {low:g}, not {value:g}.")
-    if args.max_upload_mb > 1024:
-        raise ServeError(f"--max-upload-mb must be at most 1024, not {args.max_upload_mb:g}.")
+    if not math.isfinite(args.cpus_per_replica) or args.cpus_per_replica < 0.001:
+        raise ServeError(
+            f"--cpus-per-replica must be a number of at least 0.001, not {args.cpus_per_replica:g}."
+        )
     if not args.host or any(c.isspace() for c in args.host):
         raise ServeError(f"--host {args.host!r} is not an address to listen on.")
     if args.vectors is not None:
