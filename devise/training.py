@@ -97,7 +97,9 @@ def _validate(config: TrainConfig) -> None:
             f"{', '.join(PLACEMENT_STRATEGIES)}."
         )
     if config.precision not in PRECISIONS:
-        raise TrainError(f"Unknown precision {config.precision!r}; choose one of {PRECISIONS}.")
+        raise TrainError(
+            f"Unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
     if config.unfreeze_last and config.mode != "online":
         raise TrainError("--unfreeze-last needs --mode online (cached features are frozen).")
     if config.epochs < 1 or config.batch_size < 1:

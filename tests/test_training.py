@@ -74,6 +74,10 @@ def test_user_errors_are_one_sentence(tiny_inputs: dict, tmp_path: Path, capsys)
         ({"unfreeze_last": True}, "needs --mode online"),
         ({"vectors": str(tmp_path / "none.vec")}, "does not exist"),
         ({"backbone": "alexnet"}, "Unknown backbone"),
+        (
+            {"precision": "fp8"},
+            r"^Unknown precision 'fp8'; choose one of auto, fp32, bf16, fp16\.$",
+        ),
     ]
     for kw, match in cases:
         with pytest.raises(Exception, match=match) as info:
